@@ -1,0 +1,10 @@
+"""The one exception a user sees: bad input, reported as one line naming file and field."""
+
+from __future__ import annotations
+
+
+class DvaInputError(Exception):
+    """Input that dva cannot use; the message names the file and the field.
+
+    Caught once in the CLI, printed as one line on stderr, exit code 2.
+    """

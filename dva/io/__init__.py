@@ -1,0 +1,1 @@
+"""Readers and writers: RELION .star, CryoSPARC .cs, MRC/MRCS, the zarr particle store."""

@@ -1,0 +1,181 @@
+"""The zarr particle store that the engine streams (DESIGN.md §3).
+
+Layout: array `images (particle, y, x)` float32, uncompressed, chunked by particle; group
+`particles` holding the per-particle table as an xarray Dataset; root attributes with the import
+parameters and the dva version. Images are stored white on black (multiplied by `data_sign`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+import zarr
+
+from dva import __version__
+from dva.errors import DvaInputError
+from dva.io.atomic import atomic_path
+from dva.io.mrc import StackReader
+from dva.io.star import DvaFormatWarning
+from dva.ops.fourier import fourier_crop
+
+CHUNK_BYTES = 128 * 2**20  # default chunk: about 128 MB of images
+
+
+def default_chunk_size(box: int) -> int:
+    """Particles per chunk so that one chunk holds about `CHUNK_BYTES` of float32 images."""
+    return max(1, CHUNK_BYTES // (4 * box * box))
+
+
+def open_stacks(table: xr.Dataset) -> list[StackReader]:
+    """A reader per stack, checked: found, square, one box size, every index inside its stack."""
+    readers = [StackReader(p) for p in table.attrs["stacks"]]
+    boxes = {r.box for r in readers}
+    if len(boxes) > 1:
+        a, b = readers[0], next(r for r in readers if r.box != readers[0].box)
+        raise DvaInputError(f"{b.path}: images are {b.box} px but {a.path} has {a.box} px; stacks differ in box size")
+    stack = table["stack"].to_numpy()
+    index = table["stack_index"].to_numpy()
+    for i, r in enumerate(readers):
+        sel = index[stack == i]
+        if len(sel) and sel.max() >= r.count:
+            raise DvaInputError(
+                f"{r.path}: image index {int(sel.max()) + 1} (1-based) is past the end of the stack ({r.count} images)"
+            )
+    return readers
+
+
+def import_particles(
+    table: xr.Dataset,
+    out: str | Path,
+    *,
+    box: int | None = None,
+    chunk_size: int | None = None,
+    data_sign: str = "auto",
+    max_particles: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Path:
+    """Stream the images of `table` into a new zarr store at `out`, atomically.
+
+    Memory is bounded by one chunk. `box` Fourier-crops to that size (pixel size and shifts
+    rescaled); `data_sign` is `auto` (from the metadata: CryoSPARC `blob/sign`, RELION +1),
+    `1` or `-1`; `max_particles` keeps the first N rows. `progress(n)` is called after each chunk.
+    """
+    out = Path(out)
+    if max_particles is not None:
+        table = table.isel(particle=slice(0, max_particles))
+    n = table.sizes["particle"]
+    if n == 0:
+        raise DvaInputError(f"{table.attrs['source']}: no particles")
+    readers = open_stacks(table)
+    full = readers[0].box
+    declared = np.unique(table["image_size"].to_numpy())
+    if declared.size and (declared[(declared > 0)] != full).any():
+        warnings.warn(
+            f"{table.attrs['source']}: metadata says box {int(declared[declared > 0][0])} but the stacks hold {full} px images; using {full}",
+            DvaFormatWarning,
+            stacklevel=2,
+        )
+    new_box = full if box is None else int(box)
+    if new_box > full or new_box < 8 or new_box % 2:
+        raise DvaInputError(f"--box {new_box}: must be even, at least 8 and at most the image box {full}")
+    if data_sign not in ("auto", "1", "-1", "+1"):
+        raise DvaInputError(f"--data-sign {data_sign}: use auto, 1 or -1")
+    sign = table["data_sign"].to_numpy() if data_sign == "auto" else np.full(n, float(data_sign))
+    factor = new_box / full
+    table = table.assign(
+        image_size=("particle", np.full(n, new_box, dtype=np.int64)),
+        pixel_size_A=table["pixel_size_A"] / factor,
+        shift_px=table["shift_px"] * factor,
+        data_sign=("particle", sign.astype(np.float32)),
+    )
+    chunk = min(chunk_size or default_chunk_size(new_box), n)
+    stack = table["stack"].to_numpy()
+    index = table["stack_index"].to_numpy()
+
+    with atomic_path(out) as tmp:
+        root = zarr.open_group(tmp, mode="w", zarr_format=3)
+        images = root.create_array(
+            "images",
+            shape=(n, new_box, new_box),
+            chunks=(chunk, new_box, new_box),
+            dtype="float32",
+            compressors=None,
+            dimension_names=("particle", "y", "x"),
+        )
+        table.to_zarr(tmp, group="particles", mode="w", consolidated=False, zarr_format=3)
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            block = np.empty((stop - start, full, full), dtype=np.float32)
+            for s in np.unique(stack[start:stop]):
+                rows = np.flatnonzero(stack[start:stop] == s)
+                block[rows] = readers[s].read(index[start:stop][rows])
+            bad = ~np.isfinite(block).all(axis=(1, 2))
+            if bad.any():
+                row = start + int(np.argmax(bad))
+                raise DvaInputError(
+                    f"{readers[stack[row]].path}: image {index[row] + 1} (1-based) has NaN or Inf pixels"
+                )
+            block = fourier_crop(block, new_box) * sign[start:stop, None, None].astype(np.float32)
+            images[start:stop] = block
+            if progress is not None:
+                progress(stop - start)
+        root.attrs.update(
+            {
+                "dva_version": __version__,
+                "format": "dva-particles-1",
+                "source": table.attrs["source"],
+                "box": new_box,
+                "original_box": full,
+                "pixel_size_A": float(np.median(table["pixel_size_A"].to_numpy())),
+                "chunk_size": chunk,
+                "data_sign": data_sign,
+                "max_particles": max_particles,
+                "images": "white on black: stored = input × data_sign",
+            }
+        )
+    return out
+
+
+def open_store(path: str | Path) -> tuple[zarr.Array, xr.Dataset, dict]:
+    """The images array, the per-particle table and the attributes of a dva store."""
+    path = Path(path)
+    try:
+        root = zarr.open_group(path, mode="r")
+        attrs = dict(root.attrs)
+        if attrs.get("format") != "dva-particles-1":
+            raise DvaInputError(f"{path}: not a dva particle store (no format attribute)")
+        table = xr.open_zarr(path, group="particles", consolidated=False).load()
+        return root["images"], table, attrs
+    except DvaInputError:
+        raise
+    except Exception as exc:
+        raise DvaInputError(f"{path}: not a readable dva store ({exc})") from None
+
+
+def summary(path: str | Path) -> str:
+    """A few lines describing a store, for `dva info`."""
+    images, table, attrs = open_store(path)
+    n, box, _ = images.shape
+    pixel = table["pixel_size_A"].to_numpy()
+    half = table["halfset"].to_numpy()
+    groups = np.unique(table["optics_group"].to_numpy())
+    size_gb = n * box * box * 4 / 1e9
+    lines = [
+        f"store        {Path(path).absolute()}",
+        f"source       {attrs['source']}",
+        f"particles    {n:,} images of {box}x{box} px ({size_gb:.2f} GB float32), chunks of {images.chunks[0]:,}",
+        f"pixel size   {pixel.min():.4g}–{pixel.max():.4g} Å"
+        + (f" (Fourier-cropped from box {attrs['original_box']})" if attrs["original_box"] != box else ""),
+        f"Nyquist      {2 * pixel.max():.3g} Å",
+        f"poses        {'yes' if table.attrs['has_poses'] else 'no (dva run needs poses)'}",
+        f"defocus      {table['defocus_u_A'].min().item():.0f}–{table['defocus_u_A'].max().item():.0f} Å (U)",
+        f"optics       {len(groups)} group(s), {table['voltage_kV'][0].item():g} kV, Cs {table['cs_mm'][0].item():g} mm",
+        f"half-sets    {int((half == 0).sum()):,} / {int((half == 1).sum()):,} / {int((half < 0).sum()):,} unassigned",
+        f"data sign    {', '.join(f'{s:+g}' for s in np.unique(table['data_sign'].to_numpy()))} (images stored white on black)",
+        f"dva version  {attrs['dva_version']}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Pure array functions (NumPy or CuPy through an `xp` module)."""

@@ -1,0 +1,1 @@
+"""Simulated data with known truth, for testing the engine against independent code."""

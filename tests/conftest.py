@@ -1,0 +1,30 @@
+"""Shared fixtures: the real-format files beside the checkout (skipped when absent)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+FORMATS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "formats"
+
+
+@pytest.fixture(scope="session")
+def formats() -> Path:
+    """`../shared/data/formats`, or skip."""
+    if not FORMATS.is_dir():
+        pytest.skip("../shared/data/formats is absent")
+    return FORMATS
+
+
+@pytest.fixture(scope="session")
+def drgn(formats: Path) -> Path:
+    return formats / "cryodrgn"
+
+
+def load_pickle(path: Path):
+    """Trusted fixture pickles (cryoDRGN's parsed output); dva itself never unpickles."""
+    import pickle
+
+    with open(path, "rb") as f:
+        return pickle.load(f)
