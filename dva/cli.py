@@ -13,7 +13,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from dva import __version__
-from dva.errors import DvaInputError
+from dva.errors import DvaFormatWarning, DvaInputError
 
 app = typer.Typer(
     help="dva: 3D Variability Analysis for cryo-EM on dask.",
@@ -29,13 +29,15 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 @contextmanager
 def _user_errors() -> Iterator[None]:
-    """Print a DvaInputError as one line on stderr and exit with code 2."""
-    warnings.showwarning = _show_warning
-    try:
-        yield
-    except DvaInputError as exc:
-        print(f"dva: error: {exc}", file=sys.stderr)
-        raise typer.Exit(2) from None
+    """Print format warnings and a DvaInputError as one line each on stderr; exit code 2 on error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", DvaFormatWarning)
+        warnings.showwarning = _show_warning
+        try:
+            yield
+        except DvaInputError as exc:
+            print(f"dva: error: {exc}", file=sys.stderr)
+            raise typer.Exit(2) from None
 
 
 @contextmanager

@@ -8,3 +8,7 @@ class DvaInputError(Exception):
 
     Caught once in the CLI, printed as one line on stderr, exit code 2.
     """
+
+
+class DvaFormatWarning(UserWarning):
+    """Input that dva can use but that a user should know about (printed as one line)."""

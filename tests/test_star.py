@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import starfile
 
-from dva.errors import DvaInputError
-from dva.io.star import DvaFormatWarning, read_star, write_star
+from dva.errors import DvaFormatWarning, DvaInputError
+from dva.io.star import read_star, write_star
 from dva.ops.rotation import euler_to_matrix
 from tests.conftest import load_pickle
 

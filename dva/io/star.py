@@ -15,7 +15,7 @@ import pandas as pd
 import starfile
 import xarray as xr
 
-from dva.errors import DvaInputError
+from dva.errors import DvaFormatWarning, DvaInputError
 from dva.io.atomic import atomic_path
 from dva.io.paths import relative_stack_names, stack_ids
 from dva.io.table import make_table, uids_from_rows
@@ -55,10 +55,6 @@ _REPLACED = (
     "rlnMagnification",
     *OPTICS_COLUMNS[1:],
 )
-
-
-class DvaFormatWarning(UserWarning):
-    """Input that dva can use but that a user should know about."""
 
 
 def read_blocks(path: Path) -> dict:

@@ -16,10 +16,9 @@ import xarray as xr
 import zarr
 
 from dva import __version__
-from dva.errors import DvaInputError
+from dva.errors import DvaFormatWarning, DvaInputError
 from dva.io.atomic import atomic_path
 from dva.io.mrc import StackReader
-from dva.io.star import DvaFormatWarning
 from dva.ops.fourier import fourier_crop
 
 CHUNK_BYTES = 128 * 2**20  # default chunk: about 128 MB of images
