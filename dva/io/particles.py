@@ -26,8 +26,7 @@ def read_particles(
             raise DvaInputError(f"{path}: --passthrough applies to .cs files only")
         return read_star(path, datadir=datadir, pixel_size_A=pixel_size_A)
     if suffix == ".cs":
-        table = read_cs(path, passthrough=passthrough, datadir=datadir)
         if pixel_size_A is not None:
-            table["pixel_size_A"][:] = pixel_size_A
-        return table
+            raise DvaInputError(f"{path}: --pixel-size applies to .star files without one (.cs has blob/psize_A)")
+        return read_cs(path, passthrough=passthrough, datadir=datadir)
     raise DvaInputError(f"{path}: unknown particle file type (expected .star or .cs)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -106,22 +107,35 @@ def import_particles(
             dimension_names=("particle", "y", "x"),
         )
         table.to_zarr(tmp, group="particles", mode="w", consolidated=False, zarr_format=3)
-        for start in range(0, n, chunk):
+        starts = list(range(0, n, chunk))
+
+        def read(start: int) -> np.ndarray:
             stop = min(start + chunk, n)
             block = np.empty((stop - start, full, full), dtype=np.float32)
             for s in np.unique(stack[start:stop]):
                 rows = np.flatnonzero(stack[start:stop] == s)
                 block[rows] = readers[s].read(index[start:stop][rows])
-            bad = ~np.isfinite(block).all(axis=(1, 2))
-            if bad.any():
-                row = start + int(np.argmax(bad))
-                raise DvaInputError(
-                    f"{readers[stack[row]].path}: image {index[row] + 1} (1-based) has NaN or Inf pixels"
-                )
-            block = fourier_crop(block, new_box) * sign[start:stop, None, None].astype(np.float32)
-            images[start:stop] = block
-            if progress is not None:
-                progress(stop - start)
+            return block
+
+        # The next chunk is read while this one is checked, cropped and written.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(read, starts[0])
+            for i, start in enumerate(starts):
+                block = pending.result()
+                if i + 1 < len(starts):
+                    pending = pool.submit(read, starts[i + 1])
+                stop = start + len(block)
+                bad = ~np.isfinite(block).all(axis=(1, 2))
+                if bad.any():
+                    row = start + int(np.argmax(bad))
+                    raise DvaInputError(
+                        f"{readers[stack[row]].path}: image {index[row] + 1} (1-based) has NaN or Inf pixels"
+                    )
+                block = fourier_crop(block, new_box)
+                block *= sign[start:stop, None, None].astype(np.float32)
+                images[start:stop] = block
+                if progress is not None:
+                    progress(stop - start)
         root.attrs.update(
             {
                 "dva_version": __version__,
