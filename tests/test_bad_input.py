@@ -158,3 +158,17 @@ def test_input_is_never_modified(good, tmp_path):
 def test_bad_box(good, tmp_path):
     line = _import(tmp_path, good, "--box", "32")
     assert "--box 32" in line
+
+
+def test_complex_mrc_mode(good, tmp_path):
+    with mrcfile.new(tmp_path / "s.mrcs", overwrite=True) as m:
+        m.set_data(np.zeros((8, 16, 16), np.complex64))
+    line = _import(tmp_path, good)
+    assert "s.mrcs: MRC mode 4 holds no real-valued images" in line
+
+
+def test_truncated_stack(good, tmp_path):
+    data = (tmp_path / "s.mrcs").read_bytes()
+    (tmp_path / "s.mrcs").write_bytes(data[: len(data) - 100])
+    line = _import(tmp_path, good)
+    assert "s.mrcs: file is shorter than its header says" in line

@@ -172,3 +172,19 @@ def test_store_metadata_is_an_xarray_dataset(drgn, tmp_path):
     root = zarr.open_group(tmp_path / "s.zarr", mode="r")
     assert root["images"].metadata.dimension_names == ("particle", "y", "x")
     assert root["images"].compressors == ()
+
+
+def test_project_relative_paths_found_from_a_job_folder(tmp_path, monkeypatch):
+    """RELION names stacks relative to the project folder; the star lives in a job folder."""
+    project = tmp_path / "project"
+    (project / "Extract" / "job005").mkdir(parents=True)
+    (project / "Refine3D" / "job010").mkdir(parents=True)
+    data = np.random.default_rng(0).normal(size=(4, 16, 16)).astype(np.float32)
+    mrcfile.write(project / "Extract" / "job005" / "s.mrcs", data)
+    star = project / "Refine3D" / "job010" / "run_data.star"
+    _write_minimal_star(star, 4, stack="Extract/job005/s.mrcs")
+    monkeypatch.chdir(tmp_path)  # not the project folder: found by walking up from the star
+    table = read_star(star)
+    assert table.attrs["stacks"] == [str(project / "Extract" / "job005" / "s.mrcs")]
+    import_particles(table, tmp_path / "p.zarr")
+    np.testing.assert_array_equal(open_store(tmp_path / "p.zarr")[0][:], data)

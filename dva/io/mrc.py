@@ -36,11 +36,13 @@ class StackReader:
                 m = mrcfile.open(self.path, mode="r", header_only=True, permissive=True)
             with m:
                 header = m.header
-                nx, ny, nz = int(header.nx), int(header.ny), int(header.nz)
+                nx, ny, nz, mode = int(header.nx), int(header.ny), int(header.nz), int(header.mode)
                 self.dtype = mrcfile.utils.data_dtype_from_header(header)
                 self.offset = header.nbytes + int(header.nsymbt)
         except (ValueError, OSError) as exc:
             raise DvaInputError(f"{self.path}: not a readable MRC stack ({exc})") from None
+        if self.dtype.kind not in "iuf":
+            raise DvaInputError(f"{self.path}: MRC mode {mode} holds no real-valued images")
         if nx != ny:
             raise DvaInputError(f"{self.path}: images are {nx}x{ny} pixels, not square")
         self.box, self.count = nx, nz

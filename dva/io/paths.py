@@ -12,8 +12,9 @@ def resolve_stack(name: str, base: Path, datadir: Path | None) -> Path:
     """First existing candidate for stack `name` named in a file in folder `base`.
 
     Candidates in order: `datadir/name`, `datadir/basename(name)` (when `datadir` is given),
-    `base/name`, `base.parent/name` (a CryoSPARC project directory above the job folder),
-    `name` itself. When none exists the first candidate is returned; the importer reports it.
+    `base/name`, `name` relative to the working directory (RELION's project directory), then
+    `name` relative to each folder above `base` (a RELION or CryoSPARC project directory above
+    the job folder). When none exists the first candidate is returned; the importer reports it.
     """
     rel = Path(name)
     if rel.is_absolute():
@@ -24,7 +25,7 @@ def resolve_stack(name: str, base: Path, datadir: Path | None) -> Path:
         candidates = []
         if datadir is not None:
             candidates += [datadir / rel, datadir / rel.name]
-        candidates += [base / rel, base.parent / rel, rel]
+        candidates += [base / rel, Path.cwd() / rel, *(a / rel for a in base.parents)]
     for c in candidates:
         if c.is_file():
             return c.resolve()

@@ -23,6 +23,7 @@ from dva.io.mrc import StackReader
 from dva.ops.fourier import fourier_crop
 
 CHUNK_BYTES = 128 * 2**20  # default chunk: about 128 MB of images
+TABLE_CHUNK = 2**20  # particles per chunk of each per-particle variable
 
 
 def default_chunk_size(box: int) -> int:
@@ -106,7 +107,9 @@ def import_particles(
             compressors=None,
             dimension_names=("particle", "y", "x"),
         )
-        table.to_zarr(tmp, group="particles", mode="w", consolidated=False, zarr_format=3)
+        table.chunk({"particle": TABLE_CHUNK}).to_zarr(
+            tmp, group="particles", mode="w", consolidated=False, zarr_format=3
+        )
         starts = list(range(0, n, chunk))
 
         def read(start: int) -> np.ndarray:
