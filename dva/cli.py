@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import warnings
 from collections.abc import Iterator
@@ -30,6 +31,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 @contextmanager
 def _user_errors() -> Iterator[None]:
     """Print format warnings and a DvaInputError as one line each on stderr; exit code 2 on error."""
+    # SIGTERM unwinds like Ctrl-C, so temporary outputs are removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     with warnings.catch_warnings():
         warnings.simplefilter("always", DvaFormatWarning)
         warnings.showwarning = _show_warning
@@ -77,7 +80,9 @@ def import_cmd(
     chunk_size: Annotated[int | None, typer.Option(help="Particles per chunk (default: ~128 MB).")] = None,
     data_sign: Annotated[str, typer.Option(help="auto (from metadata), 1 or -1.")] = "auto",
     max_particles: Annotated[int | None, typer.Option(help="Import only the first N particles.")] = None,
-    pixel_size: Annotated[float | None, typer.Option(help="Pixel size in Å when the metadata lacks it.")] = None,
+    pixel_size: Annotated[
+        float | None, typer.Option(help="Pixel size in Å, replacing the .star's (needed when it has none).")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:

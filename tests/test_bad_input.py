@@ -151,7 +151,8 @@ def test_existing_output_is_kept(good, tmp_path):
 def test_input_is_never_modified(good, tmp_path):
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     shutil.copy(good, tmp_path / "copy.star")
-    runner.invoke(app, ["import", str(good), "--out", str(tmp_path / "ok.zarr"), "--box", "8"])
+    result = runner.invoke(app, ["import", str(good), "--out", str(tmp_path / "ok.zarr"), "--box", "8"])
+    assert result.exit_code == 0, result.output
     assert all((tmp_path / n).read_bytes() == b for n, b in before.items())
 
 
@@ -172,3 +173,55 @@ def test_truncated_stack(good, tmp_path):
     (tmp_path / "s.mrcs").write_bytes(data[: len(data) - 100])
     line = _import(tmp_path, good)
     assert "s.mrcs: file is shorter than its header says" in line
+
+
+def test_empty_particle_table(good, tmp_path):
+    _edit(good, "particles", lambda df: df.iloc[:0])
+    assert "p.star" in _import(tmp_path, good)
+
+
+def test_duplicate_optics_group_rows(good, tmp_path):
+    import pandas as pd
+
+    _edit(good, "optics", lambda df: pd.concat([df, df]))
+    line = _import(tmp_path, good)
+    assert "p.star: rlnOpticsGroup 1 appears twice in the optics table" in line
+
+
+@pytest.mark.parametrize("value", [0.0, -1.5])
+def test_pixel_size_not_positive(good, tmp_path, value):
+    _edit(good, "optics", lambda df: df.assign(rlnImagePixelSize=value))
+    assert "p.star: pixel size" in _import(tmp_path, good)
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--chunk-size", "0"), ("--chunk-size", "-3"), ("--max-particles", "0")])
+def test_bad_counts(good, tmp_path, flag, value):
+    assert f"{flag} {value}: must be at least 1" in _import(tmp_path, good, flag, value)
+
+
+def _save(path, arr):
+    with open(path, "wb") as f:
+        np.save(f, arr)
+
+
+def test_duplicate_uids(drgn, tmp_path):
+    arr = np.load(drgn / "empiar_10076_7.cs")
+    arr["uid"][3] = arr["uid"][1]
+    _save(tmp_path / "d.cs", arr)
+    assert f"d.cs: uid {arr['uid'][1]} appears 2 times" in _import(tmp_path, tmp_path / "d.cs", "--datadir", str(drgn))
+
+
+def test_duplicate_uids_in_passthrough(drgn, tmp_path):
+    arr = np.load(drgn / "empiar_10076_7.cs")
+    _save(tmp_path / "main.cs", arr[["uid"]].copy())
+    rest = arr.copy()
+    rest["uid"][0] = rest["uid"][1]
+    _save(tmp_path / "pass.cs", rest)
+    line = _import(tmp_path, tmp_path / "main.cs", "--passthrough", str(tmp_path / "pass.cs"))
+    assert "pass.cs: uid" in line and "appears 2 times" in line
+
+
+def test_zero_row_cs(formats, tmp_path):
+    arr = np.load(formats / "cryodrgn" / "empiar_10076_7.cs")[:0]
+    _save(tmp_path / "z.cs", arr)
+    assert "z.cs: no particles" in _import(tmp_path, tmp_path / "z.cs")

@@ -27,7 +27,7 @@ def test_wavelength_300kV():
 
 def test_dc_is_amplitude_contrast_and_batches_broadcast():
     ky, kx = frequency_grid_2d(32, 1.5)
-    params = {k: np.full(3, v) for k, v in RELION31_P1.items()}
+    params = {k: np.full((3, 1, 1), v) for k, v in RELION31_P1.items()}
     c = ctf_2d(ky, kx, **params)
     assert c.shape == (3, 32, 32)
     np.testing.assert_allclose(c[:, 0, 0], 0.1)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import mrcfile
 import numpy as np
 import pytest
+import starfile
 import xarray as xr
 import zarr
 from typer.testing import CliRunner
@@ -19,14 +20,11 @@ from dva.sim.simulate import simulate_dataset
 runner = CliRunner()
 
 
-def _centred_crop_reference(images: np.ndarray, new_box: int) -> np.ndarray:
-    """Fourier crop in float64 written out independently of dva.ops.fourier."""
-    d = images.shape[-1]
-    f = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(images.astype(np.float64), axes=(-2, -1))), axes=(-2, -1))
-    lo = d // 2 - new_box // 2
-    g = f[:, lo : lo + new_box, lo : lo + new_box]
-    out = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(g, axes=(-2, -1))), axes=(-2, -1)).real
-    return out * (new_box / d) ** 2
+def _cosines(box: int, terms) -> np.ndarray:
+    """Σ a·cos(2π(fx·(x − c) + fy·(y − c))/box + φ) on a `box`² grid (c = box//2); f in cycles/box."""
+    c = np.arange(box) - box // 2
+    y, x = np.meshgrid(c, c, indexing="ij")
+    return sum(a * np.cos(2 * np.pi * (fx * x + fy * y) / box + ph) for a, fx, fy, ph in terms)
 
 
 def test_import_relion31_images_and_table(drgn, tmp_path):
@@ -41,20 +39,21 @@ def test_import_relion31_images_and_table(drgn, tmp_path):
     assert stored.attrs["stacks"] == table.attrs["stacks"]
 
 
-def test_import_fourier_crop_rescales_pixel_size_and_shifts(drgn, tmp_path):
-    table = read_star(drgn / "relion31.star")
-    import_particles(table, tmp_path / "c.zarr", box=64)
-    images, stored, _ = open_store(tmp_path / "c.zarr")
-    ref = _centred_crop_reference(mrcfile.read(drgn / "relion31.mrcs"), 64)
-    np.testing.assert_allclose(images[:], ref, atol=1e-5 * np.abs(ref).max())
-    np.testing.assert_allclose(stored["pixel_size_A"].values, 2.806 * 4)
-    np.testing.assert_allclose(stored["shift_px"].values, table["shift_px"].values / 4)
+def test_import_fourier_crop_is_exact_for_band_limited_images(tmp_path):
+    """Cosines below the new Nyquist survive a crop from 64 to 32 px exactly (analytic reference)."""
+    rng = np.random.default_rng(0)
+    terms = [[(rng.uniform(0.5, 2), *rng.integers(-15, 16, 2), rng.uniform(0, 6)) for _ in range(4)] for _ in range(5)]
+    mrcfile.write(tmp_path / "s.mrcs", np.stack([_cosines(64, t) for t in terms]).astype(np.float32))
+    _write_minimal_star(tmp_path / "p.star", 5)
+    table = read_star(tmp_path / "p.star")
+    import_particles(table, tmp_path / "c.zarr", box=32, chunk_size=2)
+    images, stored, attrs = open_store(tmp_path / "c.zarr")
+    np.testing.assert_allclose(images[:], np.stack([_cosines(32, t) for t in terms]), atol=1e-4)
+    # The table keeps the source's units; the crop is recorded in the attributes.
+    assert (attrs["box"], attrs["original_box"]) == (32, 64) and attrs["pixel_size_A"] == 4.0
+    np.testing.assert_array_equal(stored["pixel_size_A"].values, 2.0)
     np.testing.assert_array_equal(stored["image_size"].values, 64)
-    # The shift in Å is unchanged.
-    np.testing.assert_allclose(
-        stored["shift_px"].values * stored["pixel_size_A"].values[:, None],
-        table["shift_px"].values * table["pixel_size_A"].values[:, None],
-    )
+    np.testing.assert_array_equal(stored["shift_px"].values, table["shift_px"].values)
 
 
 def test_cryosparc_sign_applied_and_overridable(drgn, tmp_path):
@@ -154,6 +153,10 @@ def test_simulated_dataset_round_trips(tmp_path):
     (tmp_path / "out").mkdir()
     write_star(tmp_path / "out" / "again.star", stored)
     write_cs(tmp_path / "out" / "again.cs", stored)
+    raw_in, raw_out = starfile.read(sim / "particles.star"), starfile.read(tmp_path / "out" / "again.star")
+    for col in raw_in["particles"].columns:
+        if col != "rlnImageName":
+            np.testing.assert_allclose(raw_out["particles"][col], raw_in["particles"][col], rtol=1e-9, err_msg=col)
     again = [read_particles(tmp_path / "out" / "again.star"), read_particles(tmp_path / "out" / "again.cs")]
     for other in [cs, *again]:
         for name in set(star.data_vars) - {"uid", "source_row", "data_sign", "stack"}:
@@ -188,3 +191,37 @@ def test_project_relative_paths_found_from_a_job_folder(tmp_path, monkeypatch):
     assert table.attrs["stacks"] == [str(project / "Extract" / "job005" / "s.mrcs")]
     import_particles(table, tmp_path / "p.zarr")
     np.testing.assert_array_equal(open_store(tmp_path / "p.zarr")[0][:], data)
+
+
+def test_stacks_are_looked_for_beside_the_star_before_the_working_directory(tmp_path, monkeypatch):
+    for name, value in (("projA", 1.0), ("projB", 2.0)):
+        (tmp_path / name / "Extract").mkdir(parents=True)
+        (tmp_path / name / "Refine").mkdir()
+        mrcfile.write(tmp_path / name / "Extract" / "s.mrcs", np.full((2, 8, 8), value, np.float32))
+        _write_minimal_star(tmp_path / name / "Refine" / "run.star", 2, stack="Extract/s.mrcs")
+    monkeypatch.chdir(tmp_path / "projA")
+    table = read_star(tmp_path / "projB" / "Refine" / "run.star")
+    assert table.attrs["stacks"] == [str(tmp_path / "projB" / "Extract" / "s.mrcs")]
+
+
+def test_relion_type_suffix_in_image_names(tmp_path):
+    mrcfile.write(tmp_path / "s.mrcs", np.zeros((3, 8, 8), np.float32))
+    _write_minimal_star(tmp_path / "p.star", 3, stack="s.mrcs:mrcs")
+    assert read_star(tmp_path / "p.star").attrs["stacks"] == [str(tmp_path / "s.mrcs")]
+
+
+def test_writers_refuse_a_changed_source(drgn, tmp_path):
+    import shutil
+
+    shutil.copy(drgn / "relion31.star", tmp_path / "r.star")
+    shutil.copy(drgn / "relion31.mrcs", tmp_path / "relion31.mrcs")
+    table = read_star(tmp_path / "r.star")
+    write_star(tmp_path / "ok.star", table)
+    text = (tmp_path / "r.star").read_text()
+    (tmp_path / "r.star").write_text(text.replace("opticsGroup1", "opticsGroupX"))
+    with pytest.raises(DvaInputError, match="r.star: the input file changed"):
+        write_star(tmp_path / "bad.star", table)
+    (tmp_path / "r.star").unlink()
+    with pytest.raises(DvaInputError, match="r.star: the input file is gone"):
+        write_star(tmp_path / "bad.star", table)
+    write_cs(tmp_path / "fine.cs", table)  # a .cs carries nothing from a .star

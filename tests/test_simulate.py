@@ -25,12 +25,12 @@ def test_noise_level_and_signal_match_the_record(tmp_path):
     ctf = ctf_2d(
         ky,
         kx,
-        defocus_u_A=table["defocus_u_A"].values,
-        defocus_v_A=table["defocus_v_A"].values,
-        defocus_angle_rad=table["defocus_angle_rad"].values,
-        voltage_kV=table["voltage_kV"].values,
-        cs_mm=table["cs_mm"].values,
-        amp_contrast=table["amp_contrast"].values,
+        defocus_u_A=table["defocus_u_A"].values[:, None, None],
+        defocus_v_A=table["defocus_v_A"].values[:, None, None],
+        defocus_angle_rad=table["defocus_angle_rad"].values[:, None, None],
+        voltage_kV=table["voltage_kV"].values[:, None, None],
+        cs_mm=table["cs_mm"].values[:, None, None],
+        amp_contrast=table["amp_contrast"].values[:, None, None],
     )
     clean = np.fft.fftshift(np.fft.ifft2(np.fft.fft2(np.fft.ifftshift(proj, axes=(-2, -1))) * ctf).real, axes=(-2, -1))
     noise = images - clean

@@ -131,6 +131,10 @@ def test_write_read_round_trip_carries_columns(drgn, tmp_path):
 
 def test_relion30_written_as_relion31(drgn, tmp_path):
     t = _read_pfcrt(drgn)
+    # RELION 3.0 has no rlnImageSize: it comes from the stack, which this fixture lacks.
+    with pytest.raises(DvaInputError, match="PfCRT.mrcs: image stack not found"):
+        write_star(tmp_path / "p.star", t)
+    t["image_size"][:] = 300
     write_star(tmp_path / "p.star", t)
     raw = starfile.read(tmp_path / "p.star")
     assert set(raw) == {"optics", "particles"}

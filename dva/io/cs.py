@@ -14,8 +14,8 @@ import xarray as xr
 
 from dva.errors import DvaInputError
 from dva.io.atomic import atomic_path
-from dva.io.paths import relative_stack_names, stack_ids
-from dva.io.table import make_table
+from dva.io.paths import known_image_sizes, relative_stack_names, stack_ids
+from dva.io.table import check_pixel_sizes, check_source, file_sha256, make_table
 from dva.ops.rotation import matrix_to_rotvec, rotvec_to_matrix
 
 REQUIRED = (
@@ -52,8 +52,19 @@ def load_cs(path: str | Path) -> np.ndarray:
     return arr
 
 
+def _unique_uids(arr: np.ndarray, path: Path) -> None:
+    if "uid" not in arr.dtype.names:
+        raise DvaInputError(f"{path}: field uid missing")
+    uids, counts = np.unique(arr["uid"], return_counts=True)
+    if (counts > 1).any():
+        raise DvaInputError(f"{path}: uid {uids[np.argmax(counts > 1)]} appears {counts.max()} times")
+
+
 def join_passthrough(main: np.ndarray, passthrough: np.ndarray, path: Path) -> np.ndarray:
     """Fields of `passthrough` missing from `main`, joined on `uid`, in `main`'s row order."""
+    _unique_uids(passthrough, path)
+    if len(passthrough) == 0:
+        raise DvaInputError(f"{path}: the passthrough file has no rows")
     new = [n for n in passthrough.dtype.names if n not in main.dtype.names]
     order = np.argsort(passthrough["uid"])
     pos = np.searchsorted(passthrough["uid"], main["uid"], sorter=order)
@@ -74,6 +85,7 @@ def join_passthrough(main: np.ndarray, passthrough: np.ndarray, path: Path) -> n
 def read_cs_array(path: Path, passthrough: Path | None) -> np.ndarray:
     """The main file's rows with passthrough fields joined on uid."""
     arr = load_cs(path)
+    _unique_uids(arr, path)
     if passthrough is not None:
         arr = join_passthrough(arr, load_cs(passthrough), passthrough)
     return arr
@@ -103,11 +115,14 @@ def read_cs(
         _field(path, arr, name)
     names = set(arr.dtype.names)
     n = len(arr)
+    if n == 0:
+        raise DvaInputError(f"{path}: no particles (zero rows)")
     shape = arr["blob/shape"].reshape(n, -1)
     if n and (shape[:, 0] != shape[:, -1]).any():
         row = int(np.argmax(shape[:, 0] != shape[:, -1]))
         raise DvaInputError(f"{path}: field blob/shape row {row} is {shape[row].tolist()}, not square")
     psize = _field(path, arr, "blob/psize_A").astype(np.float64)
+    check_pixel_sizes(str(path), psize)
 
     present = [f for f in POSE if f in names]
     has_poses = bool(present)
@@ -126,7 +141,10 @@ def read_cs(
     def opt(name: str, default: float) -> np.ndarray:
         return _field(path, arr, name).astype(np.float64) if name in names else np.full(n, default)
 
-    blob_paths = np.char.lstrip(np.char.decode(arr["blob/path"], "utf-8"), ">")
+    raw_paths = arr["blob/path"]
+    if raw_paths.dtype.kind == "S":
+        raw_paths = np.char.decode(raw_paths, "utf-8")
+    blob_paths = np.char.lstrip(raw_paths.astype(str), ">")
     datadir = Path(datadir) if datadir is not None else None
     stack, stacks = stack_ids(blob_paths, path.parent.absolute(), datadir)
     split = arr["alignments3D/split"].astype(np.int64) if "alignments3D/split" in names else np.full(n, -1)
@@ -135,6 +153,7 @@ def read_cs(
         shift_px=shift,
         stacks=stacks,
         source=str(path.absolute()),
+        source_sha256=file_sha256(path),
         source_format="cs",
         has_poses=has_poses,
         defocus_u_A=opt("ctf/df1_A", 0),
@@ -156,14 +175,17 @@ def read_cs(
         stack=stack,
         stack_index=arr["blob/idx"].astype(np.int64),
         source_row=np.arange(n),
-    ).assign_attrs(passthrough=str(passthrough.absolute()) if passthrough else "")
+    ).assign_attrs(
+        passthrough=str(passthrough.absolute()) if passthrough else "",
+        passthrough_sha256=file_sha256(passthrough) if passthrough else "",
+    )
 
 
 def to_cs_array(table: xr.Dataset, out_dir: Path, extra_fields: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """A CryoSPARC structured array for `table`; every input field carried through from a .cs."""
     n = table.sizes["particle"]
     pixel = table["pixel_size_A"].to_numpy()
-    box = table["image_size"].to_numpy()
+    box = known_image_sizes(table)
     names = np.asarray(relative_stack_names(table.attrs["stacks"], out_dir), dtype=object)
     paths = names[table["stack"].to_numpy()].astype("S")
     ours: dict[str, np.ndarray] = {
@@ -196,8 +218,12 @@ def to_cs_array(table: xr.Dataset, out_dir: Path, extra_fields: dict[str, np.nda
     ours |= extra_fields or {}
 
     if table.attrs.get("source_format") == "cs":
-        src = Path(table.attrs["source"])
-        passthrough = Path(table.attrs["passthrough"]) if table.attrs.get("passthrough") else None
+        src = check_source(table)
+        passthrough = None
+        if table.attrs.get("passthrough"):
+            passthrough = Path(table.attrs["passthrough"])
+            if not passthrough.is_file() or file_sha256(passthrough) != table.attrs["passthrough_sha256"]:
+                raise DvaInputError(f"{passthrough}: the passthrough file is gone or changed since it was read")
         carried = read_cs_array(src, passthrough)[table["source_row"].to_numpy()]
     else:
         carried = np.empty(n, dtype=[])

@@ -12,9 +12,9 @@ def resolve_stack(name: str, base: Path, datadir: Path | None) -> Path:
     """First existing candidate for stack `name` named in a file in folder `base`.
 
     Candidates in order: `datadir/name`, `datadir/basename(name)` (when `datadir` is given),
-    `base/name`, `name` relative to the working directory (RELION's project directory), then
-    `name` relative to each folder above `base` (a RELION or CryoSPARC project directory above
-    the job folder). When none exists the first candidate is returned; the importer reports it.
+    `base/name`, `name` relative to each folder above `base` (a RELION or CryoSPARC project
+    directory above the job folder), then relative to the working directory. When none exists the
+    first candidate is returned; the importer reports it.
     """
     rel = Path(name)
     if rel.is_absolute():
@@ -25,7 +25,7 @@ def resolve_stack(name: str, base: Path, datadir: Path | None) -> Path:
         candidates = []
         if datadir is not None:
             candidates += [datadir / rel, datadir / rel.name]
-        candidates += [base / rel, Path.cwd() / rel, *(a / rel for a in base.parents)]
+        candidates += [base / rel, *(a / rel for a in base.parents), Path.cwd() / rel]
     for c in candidates:
         if c.is_file():
             return c.resolve()
@@ -51,3 +51,17 @@ def relative_stack_names(stacks: list[str], out_dir: Path) -> list[str]:
         except ValueError:
             names.append(str(p))
     return names
+
+
+def known_image_sizes(table) -> np.ndarray:
+    """Box of every particle's source image: from the table, else from its stack's header.
+
+    RELION 3.0 files do not record the box; a writer needs it (`rlnImageSize`, `blob/shape`).
+    """
+    from dva.io.mrc import StackReader
+
+    size = table["image_size"].to_numpy().copy()
+    stack = table["stack"].to_numpy()
+    for s in np.unique(stack[size <= 0]):
+        size[stack == s] = StackReader(table.attrs["stacks"][s]).box
+    return size

@@ -17,8 +17,8 @@ import xarray as xr
 
 from dva.errors import DvaFormatWarning, DvaInputError
 from dva.io.atomic import atomic_path
-from dva.io.paths import relative_stack_names, stack_ids
-from dva.io.table import make_table, uids_from_rows
+from dva.io.paths import known_image_sizes, relative_stack_names, stack_ids
+from dva.io.table import check_pixel_sizes, check_source, file_sha256, make_table, uids_from_rows
 from dva.ops.rotation import euler_to_matrix, matrix_to_euler
 
 ANGLES = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
@@ -85,6 +85,9 @@ def _merge_optics(path: Path, particles: pd.DataFrame, optics: pd.DataFrame | No
         if len(optics) != 1:
             raise DvaInputError(f"{path}: column rlnOpticsGroup missing in the particle table")
         particles = particles.assign(rlnOpticsGroup=optics["rlnOpticsGroup"].iloc[0])
+    if optics["rlnOpticsGroup"].duplicated().any():
+        dup = optics["rlnOpticsGroup"][optics["rlnOpticsGroup"].duplicated()].iloc[0]
+        raise DvaInputError(f"{path}: rlnOpticsGroup {dup} appears twice in the optics table")
     groups = optics.set_index("rlnOpticsGroup")
     unknown = sorted(set(particles["rlnOpticsGroup"]) - set(groups.index))
     if unknown:
@@ -123,7 +126,8 @@ def _parse_image_names(path: Path, names: pd.Series) -> tuple[np.ndarray, np.nda
     if bad.any():
         row = int(np.argmax(bad))
         raise DvaInputError(f"{path}: rlnImageName row {row + 1} '{names.iloc[row]}' has no valid 1-based index")
-    return index.astype(np.int64) - 1, parts[1].to_numpy()
+    # RELION also writes `k@stack.mrcs:mrcs` (an explicit type suffix).
+    return index.astype(np.int64) - 1, parts[1].str.replace(r":mrcs?$", "", regex=True).to_numpy()
 
 
 def _pixel_size(path: Path, df: pd.DataFrame, override: float | None) -> np.ndarray:
@@ -145,10 +149,13 @@ def read_star(path: str | Path, *, datadir: str | Path | None = None, pixel_size
     """
     path = Path(path)
     particles, optics = _tables(path, read_blocks(path))
+    if len(particles) == 0:
+        raise DvaInputError(f"{path}: the particle table has no rows")
     df = _merge_optics(path, particles, optics)
     _require(path, df, ("rlnImageName", *CTF_REQUIRED))
     n = len(df)
     pixel = _pixel_size(path, df, pixel_size_A)
+    check_pixel_sizes(str(path), pixel)
 
     present = [c for c in ANGLES if c in df.columns]
     has_poses = bool(present)
@@ -185,6 +192,7 @@ def read_star(path: str | Path, *, datadir: str | Path | None = None, pixel_size
         shift_px=shift,
         stacks=stacks,
         source=str(path.absolute()),
+        source_sha256=file_sha256(path),
         source_format="star",
         has_poses=has_poses,
         defocus_u_A=_numeric(path, df, "rlnDefocusU"),
@@ -220,7 +228,7 @@ def _source_frames(table: xr.Dataset) -> tuple[pd.DataFrame | None, pd.DataFrame
     """The input's particle rows (in table order) and optics table, when the input was a star."""
     if table.attrs.get("source_format") != "star":
         return None, None
-    path = Path(table.attrs["source"])
+    path = check_source(table)
     particles, optics = _tables(path, read_blocks(path))
     return particles.iloc[table["source_row"].to_numpy()].reset_index(drop=True), optics
 
@@ -232,6 +240,7 @@ def to_star_frames(
     carried, source_optics = _source_frames(table)
     n = table.sizes["particle"]
     pixel = table["pixel_size_A"].to_numpy()
+    image_size = known_image_sizes(table)
     key = pd.DataFrame(
         {
             "group": table["optics_group"].to_numpy(),
@@ -239,13 +248,17 @@ def to_star_frames(
             "rlnSphericalAberration": table["cs_mm"].to_numpy(),
             "rlnAmplitudeContrast": table["amp_contrast"].to_numpy(),
             "rlnImagePixelSize": pixel,
-            "rlnImageSize": table["image_size"].to_numpy(),
+            "rlnImageSize": image_size,
             "rlnCtfDataAreCtfPremultiplied": table["ctf_premultiplied"].to_numpy().astype(int),
         }
     )
     codes, uniques = pd.factorize(pd.MultiIndex.from_frame(key))
     optics = pd.DataFrame(list(uniques), columns=key.columns)
-    optics.insert(0, "rlnOpticsGroup", np.arange(1, len(optics) + 1))
+    # Keep the input's group numbers unless a group has to split (its particles differ in optics).
+    numbers = optics["group"].to_numpy()
+    if len(np.unique(numbers)) != len(numbers):
+        numbers = np.arange(1, len(optics) + 1)
+    optics.insert(0, "rlnOpticsGroup", numbers)
     if source_optics is not None:
         old = source_optics.set_index("rlnOpticsGroup")
         kept = [c for c in old.columns if c not in optics.columns]
@@ -267,7 +280,7 @@ def to_star_frames(
     half = table["halfset"].to_numpy()
     ours = {
         "rlnImageName": _image_names(table, out_dir),
-        "rlnOpticsGroup": codes + 1,
+        "rlnOpticsGroup": numbers[codes],
         "rlnDefocusU": table["defocus_u_A"].to_numpy(),
         "rlnDefocusV": table["defocus_v_A"].to_numpy(),
         "rlnDefocusAngle": np.rad2deg(table["defocus_angle_rad"].to_numpy()),

@@ -23,6 +23,7 @@ from dva.io.mrc import StackReader
 from dva.ops.fourier import fourier_crop
 
 CHUNK_BYTES = 128 * 2**20  # default chunk: about 128 MB of images
+READ_BYTES = 16 * 2**20  # images read and cropped at a time (bounds the FFT's temporaries)
 TABLE_CHUNK = 2**20  # particles per chunk of each per-particle variable
 
 
@@ -61,13 +62,19 @@ def import_particles(
 ) -> Path:
     """Stream the images of `table` into a new zarr store at `out`, atomically.
 
-    Memory is bounded by one chunk. `box` Fourier-crops to that size (pixel size and shifts
-    rescaled); `data_sign` is `auto` (from the metadata: CryoSPARC `blob/sign`, RELION +1),
-    `1` or `-1`; `max_particles` keeps the first N rows. `progress(n)` is called after each chunk.
+    Memory is bounded by one chunk (images are read and cropped in sub-batches). `box`
+    Fourier-crops to that size; the table keeps the input's units (pixel size, shifts and box of
+    the source images) and the store's `box`/`original_box` attributes record the crop.
+    `data_sign` is `auto` (from the metadata: CryoSPARC `blob/sign`, RELION +1), `1` or `-1`;
+    `max_particles` keeps the first N rows. `progress(n)` is called after each chunk.
     """
     out = Path(out)
     if max_particles is not None:
+        if max_particles < 1:
+            raise DvaInputError(f"--max-particles {max_particles}: must be at least 1")
         table = table.isel(particle=slice(0, max_particles))
+    if chunk_size is not None and chunk_size < 1:
+        raise DvaInputError(f"--chunk-size {chunk_size}: must be at least 1")
     n = table.sizes["particle"]
     if n == 0:
         raise DvaInputError(f"{table.attrs['source']}: no particles")
@@ -81,19 +88,17 @@ def import_particles(
             stacklevel=2,
         )
     new_box = full if box is None else int(box)
-    if new_box > full or new_box < 8 or new_box % 2:
+    if box is not None and (new_box > full or new_box < 8 or new_box % 2):
         raise DvaInputError(f"--box {new_box}: must be even, at least 8 and at most the image box {full}")
     if data_sign not in ("auto", "1", "-1", "+1"):
         raise DvaInputError(f"--data-sign {data_sign}: use auto, 1 or -1")
     sign = table["data_sign"].to_numpy() if data_sign == "auto" else np.full(n, float(data_sign))
-    factor = new_box / full
     table = table.assign(
-        image_size=("particle", np.full(n, new_box, dtype=np.int64)),
-        pixel_size_A=table["pixel_size_A"] / factor,
-        shift_px=table["shift_px"] * factor,
+        image_size=("particle", np.full(n, full, dtype=np.int64)),
         data_sign=("particle", sign.astype(np.float32)),
     )
     chunk = min(chunk_size or default_chunk_size(new_box), n)
+    sub = max(1, min(chunk, READ_BYTES // (4 * full * full)))
     stack = table["stack"].to_numpy()
     index = table["stack_index"].to_numpy()
 
@@ -113,11 +118,24 @@ def import_particles(
         starts = list(range(0, n, chunk))
 
         def read(start: int) -> np.ndarray:
+            """Chunk `start` at the new box, read and cropped `sub` images at a time."""
             stop = min(start + chunk, n)
-            block = np.empty((stop - start, full, full), dtype=np.float32)
-            for s in np.unique(stack[start:stop]):
-                rows = np.flatnonzero(stack[start:stop] == s)
-                block[rows] = readers[s].read(index[start:stop][rows])
+            block = np.empty((stop - start, new_box, new_box), dtype=np.float32)
+            for lo in range(start, stop, sub):
+                hi = min(lo + sub, stop)
+                part = np.empty((hi - lo, full, full), dtype=np.float32)
+                for s in np.unique(stack[lo:hi]):
+                    rows = np.flatnonzero(stack[lo:hi] == s)
+                    part[rows] = readers[s].read(index[lo:hi][rows])
+                bad = ~np.isfinite(part).all(axis=(1, 2))
+                if bad.any():
+                    row = lo + int(np.argmax(bad))
+                    raise DvaInputError(
+                        f"{readers[stack[row]].path}: image {index[row] + 1} (1-based) has NaN or Inf pixels"
+                    )
+                block[lo - start : hi - start] = fourier_crop(part, new_box) * sign[lo:hi, None, None].astype(
+                    np.float32
+                )
             return block
 
         # The next chunk is read while this one is checked, cropped and written.
@@ -128,14 +146,6 @@ def import_particles(
                 if i + 1 < len(starts):
                     pending = pool.submit(read, starts[i + 1])
                 stop = start + len(block)
-                bad = ~np.isfinite(block).all(axis=(1, 2))
-                if bad.any():
-                    row = start + int(np.argmax(bad))
-                    raise DvaInputError(
-                        f"{readers[stack[row]].path}: image {index[row] + 1} (1-based) has NaN or Inf pixels"
-                    )
-                block = fourier_crop(block, new_box)
-                block *= sign[start:stop, None, None].astype(np.float32)
                 images[start:stop] = block
                 if progress is not None:
                     progress(stop - start)
@@ -146,7 +156,7 @@ def import_particles(
                 "source": table.attrs["source"],
                 "box": new_box,
                 "original_box": full,
-                "pixel_size_A": float(np.median(table["pixel_size_A"].to_numpy())),
+                "pixel_size_A": float(np.median(table["pixel_size_A"].to_numpy())) * full / new_box,
                 "chunk_size": chunk,
                 "data_sign": data_sign,
                 "max_particles": max_particles,
@@ -176,7 +186,7 @@ def summary(path: str | Path) -> str:
     """A few lines describing a store, for `dva info`."""
     images, table, attrs = open_store(path)
     n, box, _ = images.shape
-    pixel = table["pixel_size_A"].to_numpy()
+    pixel = table["pixel_size_A"].to_numpy() * attrs["original_box"] / box
     half = table["halfset"].to_numpy()
     groups = np.unique(table["optics_group"].to_numpy())
     size_gb = n * box * box * 4 / 1e9

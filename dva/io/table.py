@@ -11,16 +11,20 @@ Variables (RELION conventions, DESIGN.md §1):
 - `stack` (index into `attrs["stacks"]`), `stack_index` (0-based image in that stack),
   `source_row` (row of the input file).
 
-Attributes: `stacks` (resolved stack paths), `source` (the input file), `source_format`
+Attributes: `stacks` (resolved stack paths), `source` (the input file), `source_sha256` (its
+fingerprint: writers carry its columns through only while it is unchanged), `source_format`
 (`star` or `cs`), `has_poses`.
 """
 
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import xarray as xr
+
+from dva.errors import DvaInputError
 
 CTF_FIELDS = (
     "defocus_u_A",
@@ -65,6 +69,7 @@ def make_table(
     shift_px: np.ndarray,
     stacks: list[str],
     source: str,
+    source_sha256: str,
     source_format: str,
     has_poses: bool,
     **fields: np.ndarray,
@@ -87,6 +92,7 @@ def make_table(
         attrs={
             "stacks": list(stacks),
             "source": str(source),
+            "source_sha256": source_sha256,
             "source_format": source_format,
             "has_poses": bool(has_poses),
         },
@@ -107,3 +113,30 @@ def uids_from_rows(source: str, n: int) -> np.ndarray:
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return z ^ (z >> np.uint64(31))
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_pixel_sizes(source: str, pixel: np.ndarray) -> None:
+    """Refuse pixel sizes that are not positive and finite."""
+    bad = ~(np.isfinite(pixel) & (pixel > 0))
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise DvaInputError(f"{source}: pixel size {pixel[row]:g} Å in row {row + 1} is not positive")
+
+
+def check_source(table: xr.Dataset) -> Path:
+    """The table's source file, refused when it is gone or changed (its rows would not match)."""
+    path = Path(table.attrs["source"])
+    if not path.is_file():
+        raise DvaInputError(f"{path}: the input file is gone; its columns cannot be carried through")
+    if file_sha256(path) != table.attrs.get("source_sha256"):
+        raise DvaInputError(f"{path}: the input file changed since it was read; its columns cannot be carried through")
+    return path

@@ -42,15 +42,13 @@ def ctf_2d(
     scale=1.0,
     xp: ModuleType = np,
 ):
-    """CTF at frequencies `(ky, kx)` (Å⁻¹), RELION sign.
+    """CTF at frequencies `(ky, kx)` (Å⁻¹), RELION sign; every argument broadcasts elementwise.
 
-    Per-particle parameters of shape `(n,)` broadcast against `(H, W)` grids to `(n, H, W)`;
-    scalars give `(H, W)`.
+    For per-particle parameters `(n,)` on an `(H, W)` grid pass them as `(n, 1, 1)`.
     """
 
     def per(p):
-        p = xp.asarray(p, dtype=xp.float64)
-        return p.reshape((*p.shape, 1, 1)) if p.ndim else p
+        return xp.asarray(p, dtype=xp.float64)
 
     s2 = kx * kx + ky * ky
     alpha = xp.arctan2(ky, kx)

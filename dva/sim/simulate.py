@@ -87,9 +87,9 @@ def clean_images(phantom, d: Draws, rows: slice) -> np.ndarray:
     ctf = ctf_2d(
         ky,
         kx,
-        defocus_u_A=d.defocus_u_A[rows],
-        defocus_v_A=d.defocus_v_A[rows],
-        defocus_angle_rad=d.defocus_angle_rad[rows],
+        defocus_u_A=d.defocus_u_A[rows, None, None],
+        defocus_v_A=d.defocus_v_A[rows, None, None],
+        defocus_angle_rad=d.defocus_angle_rad[rows, None, None],
         **CTF_CONSTANTS,
     )
     f = np.fft.fft2(np.fft.ifftshift(proj, axes=(-2, -1)))
@@ -138,6 +138,7 @@ def simulate_dataset(
         shift_px=d.shift_px,
         stacks=[str(stack.absolute())],
         source=str((out / "particles.star").absolute()),
+        source_sha256="",
         source_format="simulated",
         has_poses=True,
         defocus_u_A=d.defocus_u_A,

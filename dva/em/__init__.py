@@ -1,0 +1,1 @@
+"""The 3DVA model: mean reconstruction, E-step, M-step and finish (pure array functions)."""

@@ -1,0 +1,100 @@
+"""One chunk of particles in the form every pass uses: centred Fourier samples inside the band.
+
+Images are transformed once (`fft2(ifftshift(img))`, unnormalised, so a projection's transform
+equals the volume's `fftn` on the central slice), shifted to centre (`× exp(−2πi k·t)`) and
+reduced to the pixels of the band: a disc of radius `box//2 − 1` pixels in Fourier space.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+import numpy as np
+
+from dva.ops.ctf import ctf_2d
+from dva.ops.fourier import fourier_crop
+
+
+@dataclass(frozen=True)
+class Band:
+    """The 2D frequencies processed, `(P,)` each: cycles/pixel, shell index, flat fft2 index."""
+
+    box: int
+    kx: np.ndarray
+    ky: np.ndarray
+    shell: np.ndarray
+    flat: np.ndarray
+
+    @property
+    def shells(self) -> int:
+        return self.box // 2
+
+
+def make_band(box: int, xp: ModuleType = np) -> Band:
+    """Every pixel of the `box`² FFT with |k| ≤ (box//2 − 1)/box cycles/pixel."""
+    k = xp.fft.fftfreq(box)
+    ky, kx = xp.meshgrid(k, k, indexing="ij")
+    radius = xp.sqrt(kx * kx + ky * ky) * box
+    inside = (radius <= box // 2 - 1).ravel()
+    flat = xp.flatnonzero(inside)
+    return Band(
+        box=box,
+        kx=kx.ravel()[flat],
+        ky=ky.ravel()[flat],
+        shell=xp.rint(radius.ravel()[flat]).astype(xp.int64),
+        flat=flat,
+    )
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Particles `start … start + n` of a store, ready for the passes (arrays of one backend)."""
+
+    start: int
+    y: np.ndarray  # (n, P) complex64, centred data samples
+    ctf: np.ndarray  # (n, P) float32
+    rotation: np.ndarray  # (n, 3, 3) float64, RELION matrices A
+    scale: np.ndarray  # (n,) float64, per-particle scale from the metadata
+
+
+def prepare_chunk(
+    start: int,
+    images: np.ndarray,
+    rows: dict[str, np.ndarray],
+    band: Band,
+    original_box: int,
+    xp: ModuleType = np,
+) -> Chunk:
+    """A `Chunk` from stored images `(n, D1, D1)` and their table rows, Fourier-cropped to `band.box`.
+
+    `rows` holds the table variables (`rotation`, `shift_px`, CTF fields, `pixel_size_A`) for the n
+    particles in the units of the source images, whose box is `original_box`.
+    """
+    box = band.box
+    factor = original_box / box
+    imgs = fourier_crop(xp.asarray(images, dtype=xp.float32), box, xp=xp)
+    f = xp.fft.fft2(xp.fft.ifftshift(imgs, axes=(-2, -1))).reshape(len(imgs), -1)[:, band.flat]
+    shift = xp.asarray(rows["shift_px"]) / factor
+    phase = xp.exp(-2j * np.pi * (shift[:, 0:1] * band.kx[None, :] + shift[:, 1:2] * band.ky[None, :]))
+    pixel = xp.asarray(rows["pixel_size_A"]) * factor
+    ctf = ctf_2d(
+        band.ky[None, :] / pixel[:, None],
+        band.kx[None, :] / pixel[:, None],
+        defocus_u_A=xp.asarray(rows["defocus_u_A"])[:, None],
+        defocus_v_A=xp.asarray(rows["defocus_v_A"])[:, None],
+        defocus_angle_rad=xp.asarray(rows["defocus_angle_rad"])[:, None],
+        voltage_kV=xp.asarray(rows["voltage_kV"])[:, None],
+        cs_mm=xp.asarray(rows["cs_mm"])[:, None],
+        amp_contrast=xp.asarray(rows["amp_contrast"])[:, None],
+        phase_shift_rad=xp.asarray(rows["phase_shift_rad"])[:, None],
+        bfactor_A2=xp.asarray(rows["bfactor_A2"])[:, None],
+        xp=xp,
+    )
+    return Chunk(
+        start=start,
+        y=(f * phase).astype(xp.complex64),
+        ctf=ctf.astype(xp.float32),
+        rotation=xp.asarray(rows["rotation"], dtype=xp.float64),
+        scale=xp.asarray(rows["ctf_scale"], dtype=xp.float64),
+    )

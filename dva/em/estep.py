@@ -1,0 +1,85 @@
+"""One pass of an EM iteration over a chunk: E-step per particle and M-step statistics (DESIGN.md §2).
+
+With slices `s_ik = c_i · S_i V_k` (k = 0..K) and noise weights W = 1/σ²:
+`G_i = Re(S_iᴴ W S_i)`, `b_i = Re(S_iᴴ W (y_i − α_i s_i0))`, `z_i = (G_i + ε·tr(G_i)/K·I)⁻¹ b_i / α_i`;
+then per sample the M-step channels `α² c² W z_a z_b` (a ≤ b) and `α c W r z_a` are inserted.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import numpy as np
+
+from dva.em.chunk import Band, Chunk
+from dva.em.model import Model
+from dva.ops.slice import gather, insert, slice_coordinates, trilinear_stencil
+
+BATCH = 256  # particles per vectorised step (bounds memory)
+ALPHA_RANGE = (0.1, 10.0)  # optimal per-particle scales are clipped to this range
+
+
+def pair_index(k: int) -> list[tuple[int, int]]:
+    """The (a, b) pairs with a ≤ b of a symmetric K×K matrix, in the order of the G channels."""
+    return [(a, b) for a in range(k) for b in range(a, k)]
+
+
+def em_statistics(chunk: Chunk, model: Model, band: Band, *, statistics: bool = True, xp: ModuleType = np) -> dict:
+    """E-step for the chunk's particles and, when `statistics`, its partial M-step sums.
+
+    Returns `z (n, K)`, `alpha (n,)`, `objective` (Σ W|residual|²), `power`/`count` per shell of the
+    residual and, with `statistics`, `G (D³, K(K+1)/2)` and `b (D³, 2K)` (re, im) in float64.
+    """
+    box, k = band.box, model.modes
+    weight = model.noise_inverse[band.shell]  # (P,)
+    pairs = pair_index(k)
+    out = {
+        "z": [],
+        "alpha": [],
+        "objective": 0.0,
+        "power": xp.zeros(band.shells),
+        "count": xp.bincount(band.shell, minlength=band.shells) * float(len(chunk.y)),
+    }
+    if statistics:
+        out["G"] = xp.zeros((box**3, len(pairs)))
+        out["b"] = xp.zeros((box**3, 2 * k))
+    for lo in range(0, len(chunk.y), BATCH):
+        sl = slice(lo, lo + BATCH)
+        y, c = chunk.y[sl], chunk.ctf[sl]
+        n = len(y)
+        index, weights = trilinear_stencil(slice_coordinates(chunk.rotation[sl], band.kx, band.ky, box, xp), box, xp)
+        s = gather(model.volumes, index, weights).reshape(n, -1, k + 1) * c[..., None]
+        s0, comps = s[..., 0], s[..., 1:]
+        if model.scale == "optimal":
+            alpha = (xp.conj(s0) * y * weight).real.sum(-1) / ((xp.abs(s0) ** 2) * weight).sum(-1)
+            alpha = xp.clip(alpha, *ALPHA_RANGE)
+        elif model.scale == "input":
+            alpha = chunk.scale[sl]
+        else:
+            alpha = xp.ones(n)
+        r = y - alpha[:, None] * s0
+        wc = comps * weight[None, :, None]
+        g = xp.einsum("npk,npl->nkl", xp.conj(comps), wc).real.astype(xp.float64)
+        bvec = xp.einsum("npk,np->nk", xp.conj(wc), r).real.astype(xp.float64)
+        ridge = model.eps * xp.trace(g, axis1=1, axis2=2) / k + 1e-30
+        z = xp.linalg.solve(g + ridge[:, None, None] * xp.eye(k), bvec[..., None])[..., 0] / alpha[:, None]
+        resid = r - alpha[:, None] * xp.einsum("npk,nk->np", comps, z.astype(comps.dtype))
+        res2 = xp.abs(resid) ** 2
+        out["objective"] += float((res2 * weight).sum())
+        out["power"] += xp.bincount(
+            xp.broadcast_to(band.shell, res2.shape).ravel(), weights=res2.ravel(), minlength=band.shells
+        )
+        out["z"].append(z)
+        out["alpha"].append(alpha)
+        if statistics:
+            za = alpha[:, None] * z  # α z
+            cw = c * weight  # c W
+            values = [(c * cw) * (za[:, a, None] * za[:, b, None]) for a, b in pairs]
+            rw = cw * r
+            values += [part for a in range(k) for part in ((rw * za[:, a, None]).real, (rw * za[:, a, None]).imag)]
+            sums = insert(xp.stack([v.ravel() for v in values], -1), index, weights, box**3, xp)
+            out["G"] += sums[:, : len(pairs)]
+            out["b"] += sums[:, len(pairs) :]
+    out["z"] = xp.concatenate(out["z"]) if out["z"] else xp.zeros((0, k))
+    out["alpha"] = xp.concatenate(out["alpha"]) if out["alpha"] else xp.zeros(0)
+    return out

@@ -1,0 +1,38 @@
+"""Finish (DESIGN.md §2): orthonormal components along the principal axes of the coordinates."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import numpy as np
+
+
+def principal_axes(components, z, xp: ModuleType = np):
+    """Rotate `(K, D, D, D)` components and `(N, K)` coordinates to the principal axes.
+
+    The volumes `Σ_k z_ik V_k` are unchanged. Returns orthonormal components sorted by the
+    variance of their coordinate (largest first), the coordinates, and the variances. Sign rule:
+    each component's largest-|value| voxel is positive.
+    """
+    k = components.shape[0]
+    flat = components.reshape(k, -1).astype(xp.float64)
+    q, r = xp.linalg.qr(flat.T)  # flat = rᵀ qᵀ
+    zq = z.astype(xp.float64) @ r.T
+    cov = zq.T @ zq / max(len(zq), 1)
+    variances, vecs = xp.linalg.eigh(cov)
+    order = xp.argsort(variances)[::-1]
+    variances, vecs = variances[order], vecs[:, order]
+    basis = vecs.T @ q.T  # (K, M)
+    coords = zq @ vecs
+    peak = xp.argmax(xp.abs(basis), axis=1)
+    signs = xp.sign(basis[xp.arange(k), peak])
+    basis, coords = basis * signs[:, None], coords * signs[None, :]
+    return basis.reshape(components.shape), coords, variances
+
+
+def subspace_angle_deg(old, new, xp: ModuleType = np) -> float:
+    """Largest principal angle (degrees) between the spans of two `(K, ...)` sets of volumes."""
+    qa, _ = xp.linalg.qr(old.reshape(len(old), -1).T.astype(xp.float64))
+    qb, _ = xp.linalg.qr(new.reshape(len(new), -1).T.astype(xp.float64))
+    cosines = xp.linalg.svd(qa.T @ qb, compute_uv=False)
+    return float(np.degrees(np.arccos(np.clip(float(cosines.min()), -1.0, 1.0))))

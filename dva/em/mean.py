@@ -1,0 +1,65 @@
+"""The mean volume V_0: direct Fourier reconstruction as one map-reduce pass (DESIGN.md §2).
+
+`V_0(ω) = Σ Sᵢᵀ(α c ỹ) / (Σ Sᵢᵀ(α² c²) + τ(ω))`. Noise weights are constant within a shell and a
+slice keeps |k|, so they cancel in the ratio; they are estimated here from the data power.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import numpy as np
+
+from dva.em.chunk import Band, Chunk
+from dva.ops.filters import radius_3d, to_real
+from dva.ops.slice import insert, slice_coordinates, trilinear_stencil
+
+MEAN_TAU = 1e-3  # τ as a fraction of the shell's mean denominator
+
+
+def mean_statistics(chunk: Chunk, band: Band, scale: str, xp: ModuleType = np) -> dict:
+    """Partial sums of one chunk: numerator `(D³, 2)` (re, im), denominator `(D³, 1)`, power per shell."""
+    box = band.box
+    alpha = chunk.scale if scale == "input" else xp.ones_like(chunk.scale)
+    index, weights = trilinear_stencil(slice_coordinates(chunk.rotation, band.kx, band.ky, box, xp), box, xp)
+    num = (alpha[:, None] * chunk.ctf) * chunk.y
+    den = (alpha[:, None] * chunk.ctf) ** 2
+    values = xp.stack([num.real.ravel(), num.imag.ravel(), den.ravel()], -1).astype(xp.float64)
+    sums = insert(values, index, weights, box**3, xp)
+    power = xp.bincount(
+        xp.broadcast_to(band.shell, chunk.y.shape).ravel(),
+        weights=(xp.abs(chunk.y) ** 2).ravel().astype(xp.float64),
+        minlength=band.shells,
+    )
+    count = xp.bincount(band.shell, minlength=band.shells) * float(len(chunk.y))
+    return {"num": sums[:, :2], "den": sums[:, 2:], "power": power, "count": count}
+
+
+def shell_index_3d(box: int, xp: ModuleType = np):
+    """Shell of every voxel `(D³,)` of the centred grid (rounded |k|·D), clipped to the last shell."""
+    return xp.minimum(xp.rint(radius_3d(box, xp) * box).astype(xp.int64).ravel(), box // 2)
+
+
+def shell_mean(values, box: int, xp: ModuleType = np):
+    """Mean of `values (D³,)` over each shell, broadcast back to `(D³,)`."""
+    shell = shell_index_3d(box, xp)
+    total = xp.bincount(shell, weights=values, minlength=box // 2 + 1)
+    count = xp.maximum(xp.bincount(shell, minlength=box // 2 + 1), 1)
+    return (total / count)[shell]
+
+
+def solve_mean(stats: dict, box: int, xp: ModuleType = np) -> np.ndarray:
+    """The mean volume `(D, D, D)` float32 (real space, map units) from the summed statistics."""
+    num = stats["num"][:, 0] + 1j * stats["num"][:, 1]
+    den = stats["den"][:, 0]
+    tau = MEAN_TAU * shell_mean(den, box, xp) + 1e-30
+    inside = radius_3d(box, xp).ravel() * box <= box // 2 - 1
+    spectrum = xp.where(inside, num / (den + tau), 0).reshape(box, box, box)
+    return to_real(spectrum, xp).astype(xp.float32)
+
+
+def noise_from_power(stats: dict, white: bool, xp: ModuleType = np):
+    """1/σ² per shell from a summed power and count (σ² constant over shells when `white`)."""
+    power, count = stats["power"], xp.maximum(stats["count"], 1)
+    sigma2 = xp.full_like(power, power.sum() / count.sum()) if white else power / count
+    return 1.0 / xp.maximum(sigma2, 1e-12 * sigma2.max())

@@ -1,0 +1,75 @@
+"""Functions that run on the workers: read a chunk from zarr, and the per-chunk passes."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import numpy as np
+import xarray as xr
+import zarr
+
+from dva.em.chunk import Band, Chunk, make_band, prepare_chunk
+from dva.em.estep import em_statistics
+from dva.em.mean import mean_statistics
+from dva.em.model import Model
+from dva.io.table import CTF_FIELDS
+
+ROW_FIELDS = ("rotation", "shift_px", "pixel_size_A", *CTF_FIELDS)
+
+
+def array_module(backend: str) -> ModuleType:
+    if backend == "cupy":
+        import cupy
+
+        return cupy
+    return np
+
+
+def load_chunk(store: str, start: int, stop: int, box: int, backend: str) -> Chunk:
+    """Read particles `start:stop` of the store on this worker and prepare them (stays resident)."""
+    xp = array_module(backend)
+    root = zarr.open_group(store, mode="r")
+    images = root["images"][start:stop]
+    table = xr.open_zarr(store, group="particles", consolidated=False).isel(particle=slice(start, stop))
+    rows = {name: table[name].to_numpy() for name in ROW_FIELDS}
+    return prepare_chunk(start, images, rows, make_band(box, xp), int(root.attrs["original_box"]), xp)
+
+
+def _band(box: int, backend: str) -> Band:
+    return make_band(box, array_module(backend))
+
+
+def _host(d: dict) -> dict:
+    """Arrays back to NumPy (partials travel between workers and to the driver)."""
+    return {k: (v.get() if hasattr(v, "get") and not isinstance(v, float) else v) for k, v in d.items()}
+
+
+def mean_partial(chunk: Chunk, box: int, scale: str, backend: str) -> dict:
+    return _host(mean_statistics(chunk, _band(box, backend), scale, array_module(backend)))
+
+
+def _on_device(model: Model, backend: str) -> Model:
+    xp = array_module(backend)
+    return Model(
+        volumes=xp.asarray(model.volumes),
+        noise_inverse=xp.asarray(model.noise_inverse),
+        eps=model.eps,
+        scale=model.scale,
+    )
+
+
+def em_partial(chunk: Chunk, model: Model, box: int, backend: str) -> dict:
+    """Summable statistics of one chunk for the M-step (coordinates dropped)."""
+    out = em_statistics(chunk, _on_device(model, backend), _band(box, backend), xp=array_module(backend))
+    out.pop("z")
+    out.pop("alpha")
+    return _host(out)
+
+
+def em_coordinates(chunk: Chunk, model: Model, box: int, backend: str) -> tuple[np.ndarray, np.ndarray]:
+    """Coordinates `z (n, K)` and scales `alpha (n,)` of one chunk with the given model."""
+    out = em_statistics(
+        chunk, _on_device(model, backend), _band(box, backend), statistics=False, xp=array_module(backend)
+    )
+    host = _host({"z": out["z"], "alpha": out["alpha"]})
+    return host["z"], host["alpha"]

@@ -1,0 +1,56 @@
+"""Central slices of 3D Fourier volumes: trilinear gather (extraction) and its exact adjoint (insertion).
+
+Volumes are in the centred Fourier layout `fftshift(fftn(ifftshift(vol)))` with DC at index
+D//2, indexed `[z, y, x]`. A 2D frequency `(kx, ky)` in cycles/pixel of an image with pose A samples
+the volume at `Aᵀ·(kx, ky, 0)` (DESIGN.md §1), i.e. at voxel coordinates `D·Aᵀk + D//2`.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import numpy as np
+
+from dva.ops.backend import scatter_add
+
+
+def slice_coordinates(rotations, kx, ky, box: int, xp: ModuleType = np):
+    """Voxel coordinates `(n, P, 3)` as (x, y, z) of the 2D frequencies `(P,)` for poses `(n, 3, 3)`."""
+    k3 = kx[None, :, None] * rotations[:, None, 0, :] + ky[None, :, None] * rotations[:, None, 1, :]
+    return k3 * box + box // 2
+
+
+def trilinear_stencil(coords, box: int, xp: ModuleType = np):
+    """Flat voxel indices `(m, 8)` and weights `(m, 8)` of the 8 neighbours of coordinates `(..., 3)`.
+
+    Coordinates must lie inside `[0, box − 1)` on every axis (the band limit ensures it).
+    """
+    c = coords.reshape(-1, 3)
+    base = xp.floor(c)
+    f = (c - base).astype(xp.float32)
+    i = base.astype(xp.int64)
+    idx, wts = [], []
+    for dz in (0, 1):
+        for dy in (0, 1):
+            for dx in (0, 1):
+                idx.append(((i[:, 2] + dz) * box + (i[:, 1] + dy)) * box + (i[:, 0] + dx))
+                wx = f[:, 0] if dx else 1 - f[:, 0]
+                wy = f[:, 1] if dy else 1 - f[:, 1]
+                wz = f[:, 2] if dz else 1 - f[:, 2]
+                wts.append(wx * wy * wz)
+    return xp.stack(idx, -1), xp.stack(wts, -1)
+
+
+def gather(volumes, index, weights):
+    """Trilinear samples `(m, C)` of flattened volumes `(D³, C)` at a stencil `(m, 8)`."""
+    out = volumes[index[:, 0]] * weights[:, 0, None]
+    for j in range(1, 8):
+        out += volumes[index[:, j]] * weights[:, j, None]
+    return out
+
+
+def insert(values, index, weights, size: int, xp: ModuleType = np):
+    """Adjoint of `gather` for real channels: values `(m, C)` spread into volumes `(size, C)` (float64)."""
+    flat = index.reshape(-1)
+    channels = [scatter_add((weights * values[:, c, None]).reshape(-1), flat, size, xp) for c in range(values.shape[1])]
+    return xp.stack(channels, -1)
