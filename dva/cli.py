@@ -15,6 +15,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from dva import __version__
 from dva.errors import DvaFormatWarning, DvaInputError
+from dva.io.results import write_results
+from dva.io.table import check_source
 
 app = typer.Typer(
     help="dva: 3D Variability Analysis for cryo-EM on dask.",
@@ -136,6 +138,127 @@ def simulate(
         with progress_bar("simulating", n, quiet=quiet) as advance:
             simulate_dataset(out, preset, particles=particles, snr=snr, seed=seed, progress=advance)
         print(f"wrote {out}/particles.star, particles.mrcs, particles.cs, mask.mrc, truth/")
+
+
+@app.command()
+def run(
+    input: Annotated[Path, typer.Argument(help="A store from dva import, or particles (.star / .cs).")],
+    mask: Annotated[Path, typer.Option(help="Mask (MRC); matched to the data's box and pixel size.")],
+    filter_res: Annotated[float, typer.Option(help="Low-pass filter resolution in Å (required).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the results.")],
+    modes: Annotated[int, typer.Option(help="Number of components K.")] = 3,
+    iterations: Annotated[int, typer.Option(help="EM iterations.")] = 20,
+    filter_order: Annotated[float, typer.Option(help="Butterworth order of the low-pass.")] = 1.5,
+    highpass_res: Annotated[float | None, typer.Option(help="High-pass resolution in Å (off by default).")] = None,
+    highpass_order: Annotated[float, typer.Option(help="Butterworth order of the high-pass.")] = 8.0,
+    lam: Annotated[float, typer.Option("--lambda", help="M-step regularisation (relative).")] = 0.01,
+    scale: Annotated[str, typer.Option(help="Per-particle scale: optimal, input or none.")] = "optimal",
+    noise: Annotated[str, typer.Option(help="Noise model: colored or white.")] = "colored",
+    gram_schmidt: Annotated[bool, typer.Option(help="Orthonormalise components every iteration.")] = True,
+    box: Annotated[int | None, typer.Option(help="Fourier-crop to this box on the fly (pixels).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed of the initial components.")] = 0,
+    max_particles: Annotated[int | None, typer.Option(help="Use only the first N particles.")] = None,
+    prefix: Annotated[str, typer.Option(help="Prefix of the output files.")] = "dva",
+    scheduler: Annotated[str | None, typer.Option(help="Address of a running dask scheduler.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Workers of the embedded CPU cluster.")] = None,
+    gpus: Annotated[str | None, typer.Option(help="GPUs to use (e.g. 0,1), or none for CPU.")] = None,
+    datadir: Annotated[Path | None, typer.Option(help="Folder the image paths are relative to.")] = None,
+    passthrough: Annotated[Path | None, typer.Option(help="CryoSPARC passthrough .cs joined on uid.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """3D Variability Analysis: the mean and K components, and K coordinates per particle."""
+    from dva.engine.cluster import connect
+    from dva.engine.loop import RunParams, run_3dva
+
+    with _user_errors():
+        params = RunParams(
+            filter_res_A=filter_res,
+            modes=modes,
+            iterations=iterations,
+            filter_order=filter_order,
+            highpass_res_A=highpass_res,
+            highpass_order=highpass_order,
+            lam=lam,
+            scale=scale,
+            noise=noise,
+            gram_schmidt=gram_schmidt,
+            box=box,
+            seed=seed,
+            max_particles=max_particles,
+        )
+        if not mask.is_file():
+            raise DvaInputError(f"{mask}: mask not found")
+        out.mkdir(parents=True, exist_ok=True)
+        with _store_for(input, out, datadir, passthrough, max_particles, quiet) as store:
+            _, table, _ = open_store_table(store, max_particles)
+            if table.attrs["source_format"] in ("star", "cs"):
+                check_source(table)  # the outputs carry its columns: fail now, not after the run
+            cluster = connect(scheduler, workers=workers, gpus=gpus)
+            try:
+                if not quiet:
+                    print(f"dask dashboard: {cluster.client.dashboard_link}", file=sys.stderr)
+                with _iteration_bar(iterations, quiet) as report:
+                    result = run_3dva(store, mask, params, cluster, progress=report)
+            finally:
+                cluster.close()
+            table = table.isel(particle=slice(0, result.particles))
+            job = {"input": str(input.absolute()), "mask": str(mask.absolute()), "backend": cluster.backend}
+            write_results(out, prefix, result, table, job)
+        print(
+            f"explained by {modes} components: {result.metrics[-1]['explained']:.3%} of the residual power"
+            if result.metrics
+            else ""
+        )
+        print(
+            f"wrote {out}/ ({prefix}_map.mrc, {prefix}_component_*.mrc, {prefix}_particles.cs/.star, job.json) in {result.timings['total_s']:.0f} s"
+        )
+
+
+def open_store_table(store: Path, n: int | None):
+    """The store's images, its first `n` table rows (all when None), and attributes."""
+    from dva.io.store import open_store
+
+    images, table, attrs = open_store(store)
+    return images, table.isel(particle=slice(0, n)), attrs
+
+
+@contextmanager
+def _store_for(
+    input: Path, out: Path, datadir: Path | None, passthrough: Path | None, max_particles: int | None, quiet: bool
+) -> Iterator[Path]:
+    """`input` itself when it is a store; else a temporary store imported into `out` and removed after."""
+    import shutil
+    import tempfile
+
+    from dva.io.particles import read_particles
+    from dva.io.store import import_particles
+
+    if input.is_dir():
+        yield input
+        return
+    table = read_particles(input, datadir=datadir, passthrough=passthrough)
+    tmp = Path(tempfile.mkdtemp(prefix=".dva-import-", dir=out))
+    try:
+        n = min(table.sizes["particle"], max_particles or table.sizes["particle"])
+        with progress_bar("importing", n, quiet=quiet) as advance:
+            import_particles(table, tmp / "particles.zarr", max_particles=max_particles, progress=advance)
+        yield tmp / "particles.zarr"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def _iteration_bar(iterations: int, quiet: bool) -> Iterator:
+    """A progress bar over iterations showing the subspace change and the explained power."""
+    if quiet:
+        yield lambda metrics: None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"))
+    with Progress(*columns) as bar:
+        task = bar.add_task("EM iterations", total=iterations, info="")
+        yield lambda m: bar.update(
+            task, advance=1, info=f"Δsubspace {m['subspace_change_deg']:.2f}°  explained {m['explained']:.2%}"
+        )
 
 
 @app.command()

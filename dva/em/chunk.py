@@ -1,8 +1,10 @@
 """One chunk of particles in the form every pass uses: centred Fourier samples inside the band.
 
-Images are transformed once (`fft2(ifftshift(img))`, unnormalised, so a projection's transform
+Images are transformed once (`rfft2(ifftshift(img))`, unnormalised, so a projection's transform
 equals the volume's `fftn` on the central slice), shifted to centre (`× exp(−2πi k·t)`) and
-reduced to the pixels of the band: a disc of radius `box//2 − 1` pixels in Fourier space.
+reduced to the pixels of the band: the half-plane kx ≥ 0 of a disc of radius `box//2 − 1`.
+The other half is the complex conjugate; `Band.multiplicity` counts each sample for both
+(2 for kx > 0, 1 on the kx = 0 column, which holds both members of each pair).
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from dva.ops.fourier import fourier_crop
 
 @dataclass(frozen=True)
 class Band:
-    """The 2D frequencies processed, `(P,)` each: cycles/pixel, shell index, flat fft2 index."""
+    """The 2D frequencies processed, `(P,)` each: cycles/pixel, shell index, multiplicity in the full
+    plane, and the flat index into the `(box, box//2 + 1)` rfft2 layout."""
 
     box: int
     kx: np.ndarray
     ky: np.ndarray
     shell: np.ndarray
+    multiplicity: np.ndarray
     flat: np.ndarray
 
     @property
@@ -32,17 +36,17 @@ class Band:
 
 
 def make_band(box: int, xp: ModuleType = np) -> Band:
-    """Every pixel of the `box`² FFT with |k| ≤ (box//2 − 1)/box cycles/pixel."""
-    k = xp.fft.fftfreq(box)
-    ky, kx = xp.meshgrid(k, k, indexing="ij")
+    """Every pixel of the `box`² rfft2 half-plane with |k| ≤ (box//2 − 1)/box cycles/pixel."""
+    ky, kx = xp.meshgrid(xp.fft.fftfreq(box), xp.fft.rfftfreq(box), indexing="ij")
     radius = xp.sqrt(kx * kx + ky * ky) * box
-    inside = (radius <= box // 2 - 1).ravel()
-    flat = xp.flatnonzero(inside)
+    flat = xp.flatnonzero((radius <= box // 2 - 1).ravel())
+    kx, ky = kx.ravel()[flat], ky.ravel()[flat]
     return Band(
         box=box,
-        kx=kx.ravel()[flat],
-        ky=ky.ravel()[flat],
+        kx=kx,
+        ky=ky,
         shell=xp.rint(radius.ravel()[flat]).astype(xp.int64),
+        multiplicity=xp.where(kx > 0, 2.0, 1.0),
         flat=flat,
     )
 
@@ -74,7 +78,7 @@ def prepare_chunk(
     box = band.box
     factor = original_box / box
     imgs = fourier_crop(xp.asarray(images, dtype=xp.float32), box, xp=xp)
-    f = xp.fft.fft2(xp.fft.ifftshift(imgs, axes=(-2, -1))).reshape(len(imgs), -1)[:, band.flat]
+    f = xp.fft.rfft2(xp.fft.ifftshift(imgs, axes=(-2, -1))).reshape(len(imgs), -1)[:, band.flat]
     shift = xp.asarray(rows["shift_px"]) / factor
     phase = xp.exp(-2j * np.pi * (shift[:, 0:1] * band.kx[None, :] + shift[:, 1:2] * band.ky[None, :]))
     pixel = xp.asarray(rows["pixel_size_A"]) * factor

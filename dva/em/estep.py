@@ -15,7 +15,7 @@ from dva.em.chunk import Band, Chunk
 from dva.em.model import Model
 from dva.ops.slice import gather, insert, slice_coordinates, trilinear_stencil
 
-BATCH = 256  # particles per vectorised step (bounds memory)
+BATCH = 128  # particles per vectorised step (bounds memory)
 ALPHA_RANGE = (0.1, 10.0)  # optimal per-particle scales are clipped to this range
 
 
@@ -27,22 +27,23 @@ def pair_index(k: int) -> list[tuple[int, int]]:
 def em_statistics(chunk: Chunk, model: Model, band: Band, *, statistics: bool = True, xp: ModuleType = np) -> dict:
     """E-step for the chunk's particles and, when `statistics`, its partial M-step sums.
 
-    Returns `z (n, K)`, `alpha (n,)`, `objective` (Σ W|residual|²), `power`/`count` per shell of the
-    residual and, with `statistics`, `G (D³, K(K+1)/2)` and `b (D³, 2K)` (re, im) in float64.
+    Returns `z (n, K)`, `alpha (n,)`, `objective` (Σ W|residual|²), `baseline` (the same after the
+    mean alone, so `1 − objective/baseline` is the fraction the components explain), `power`/`count` per shell of the
+    residual and, with `statistics`, `G (K(K+1)/2, D³)` and `b (2K, D³)` (re, im per mode) in float64.
     """
     box, k = band.box, model.modes
-    weight = model.noise_inverse[band.shell]  # (P,)
+    weight = model.noise_inverse[band.shell] * band.multiplicity  # (P,): W, counting both halves
     pairs = pair_index(k)
     out = {
         "z": [],
         "alpha": [],
         "objective": 0.0,
+        "baseline": 0.0,
         "power": xp.zeros(band.shells),
-        "count": xp.bincount(band.shell, minlength=band.shells) * float(len(chunk.y)),
+        "count": xp.bincount(band.shell, weights=band.multiplicity, minlength=band.shells) * float(len(chunk.y)),
     }
     if statistics:
-        out["G"] = xp.zeros((box**3, len(pairs)))
-        out["b"] = xp.zeros((box**3, 2 * k))
+        sums = xp.zeros((len(pairs) + 2 * k, box**3))
     for lo in range(0, len(chunk.y), BATCH):
         sl = slice(lo, lo + BATCH)
         y, c = chunk.y[sl], chunk.ctf[sl]
@@ -64,8 +65,9 @@ def em_statistics(chunk: Chunk, model: Model, band: Band, *, statistics: bool = 
         ridge = model.eps * xp.trace(g, axis1=1, axis2=2) / k + 1e-30
         z = xp.linalg.solve(g + ridge[:, None, None] * xp.eye(k), bvec[..., None])[..., 0] / alpha[:, None]
         resid = r - alpha[:, None] * xp.einsum("npk,nk->np", comps, z.astype(comps.dtype))
-        res2 = xp.abs(resid) ** 2
-        out["objective"] += float((res2 * weight).sum())
+        res2 = xp.abs(resid) ** 2 * band.multiplicity
+        out["objective"] += float((res2 * model.noise_inverse[band.shell]).sum())
+        out["baseline"] += float(((xp.abs(r) ** 2) * weight).sum())
         out["power"] += xp.bincount(
             xp.broadcast_to(band.shell, res2.shape).ravel(), weights=res2.ravel(), minlength=band.shells
         )
@@ -73,13 +75,13 @@ def em_statistics(chunk: Chunk, model: Model, band: Band, *, statistics: bool = 
         out["alpha"].append(alpha)
         if statistics:
             za = alpha[:, None] * z  # α z
-            cw = c * weight  # c W
+            cw = c * (weight / 2)  # c W, each sample standing for itself and its mate (`symmetrize`)
             values = [(c * cw) * (za[:, a, None] * za[:, b, None]) for a, b in pairs]
             rw = cw * r
             values += [part for a in range(k) for part in ((rw * za[:, a, None]).real, (rw * za[:, a, None]).imag)]
-            sums = insert(xp.stack([v.ravel() for v in values], -1), index, weights, box**3, xp)
-            out["G"] += sums[:, : len(pairs)]
-            out["b"] += sums[:, len(pairs) :]
+            insert(xp.stack([v.ravel() for v in values], -1).astype(xp.float32), index, weights, sums, xp)
+    if statistics:
+        out["G"], out["b"] = sums[: len(pairs)], sums[len(pairs) :]
     out["z"] = xp.concatenate(out["z"]) if out["z"] else xp.zeros((0, k))
     out["alpha"] = xp.concatenate(out["alpha"]) if out["alpha"] else xp.zeros(0)
     return out

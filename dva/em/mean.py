@@ -12,27 +12,28 @@ import numpy as np
 
 from dva.em.chunk import Band, Chunk
 from dva.ops.filters import radius_3d, to_real
-from dva.ops.slice import insert, slice_coordinates, trilinear_stencil
+from dva.ops.slice import insert, slice_coordinates, symmetrize, trilinear_stencil
 
 MEAN_TAU = 1e-3  # τ as a fraction of the shell's mean denominator
 
 
 def mean_statistics(chunk: Chunk, band: Band, scale: str, xp: ModuleType = np) -> dict:
-    """Partial sums of one chunk: numerator `(D³, 2)` (re, im), denominator `(D³, 1)`, power per shell."""
+    """Partial sums of one chunk: numerator `(2, D³)` (re, im), denominator `(1, D³)`, power per shell."""
     box = band.box
     alpha = chunk.scale if scale == "input" else xp.ones_like(chunk.scale)
     index, weights = trilinear_stencil(slice_coordinates(chunk.rotation, band.kx, band.ky, box, xp), box, xp)
-    num = (alpha[:, None] * chunk.ctf) * chunk.y
-    den = (alpha[:, None] * chunk.ctf) ** 2
-    values = xp.stack([num.real.ravel(), num.imag.ravel(), den.ravel()], -1).astype(xp.float64)
-    sums = insert(values, index, weights, box**3, xp)
+    half = band.multiplicity / 2  # each sample stands for itself and its mate (see `symmetrize`)
+    num = (alpha[:, None] * chunk.ctf * half) * chunk.y
+    den = (alpha[:, None] * chunk.ctf) ** 2 * half
+    values = xp.stack([num.real.ravel(), num.imag.ravel(), den.ravel()], -1)
+    sums = insert(values, index, weights, xp.zeros((3, box**3)), xp)
     power = xp.bincount(
         xp.broadcast_to(band.shell, chunk.y.shape).ravel(),
-        weights=(xp.abs(chunk.y) ** 2).ravel().astype(xp.float64),
+        weights=(xp.abs(chunk.y) ** 2 * band.multiplicity).ravel().astype(xp.float64),
         minlength=band.shells,
     )
-    count = xp.bincount(band.shell, minlength=band.shells) * float(len(chunk.y))
-    return {"num": sums[:, :2], "den": sums[:, 2:], "power": power, "count": count}
+    count = xp.bincount(band.shell, weights=band.multiplicity, minlength=band.shells) * float(len(chunk.y))
+    return {"num": sums[:2], "den": sums[2:], "power": power, "count": count}
 
 
 def shell_index_3d(box: int, xp: ModuleType = np):
@@ -50,8 +51,8 @@ def shell_mean(values, box: int, xp: ModuleType = np):
 
 def solve_mean(stats: dict, box: int, xp: ModuleType = np) -> np.ndarray:
     """The mean volume `(D, D, D)` float32 (real space, map units) from the summed statistics."""
-    num = stats["num"][:, 0] + 1j * stats["num"][:, 1]
-    den = stats["den"][:, 0]
+    num = symmetrize(stats["num"][0], box, 1.0, xp) + 1j * symmetrize(stats["num"][1], box, -1.0, xp)
+    den = symmetrize(stats["den"][0], box, 1.0, xp)
     tau = MEAN_TAU * shell_mean(den, box, xp) + 1e-30
     inside = radius_3d(box, xp).ravel() * box <= box // 2 - 1
     spectrum = xp.where(inside, num / (den + tau), 0).reshape(box, box, box)

@@ -9,6 +9,7 @@ import numpy as np
 from dva.em.estep import pair_index
 from dva.em.mean import shell_mean
 from dva.ops.filters import radius_3d, to_fourier, to_real
+from dva.ops.slice import symmetrize
 
 
 def solve_components(stats: dict, box: int, modes: int, lam: float, xp: ModuleType = np) -> np.ndarray:
@@ -17,11 +18,14 @@ def solve_components(stats: dict, box: int, modes: int, lam: float, xp: ModuleTy
     `s` is the mean of tr(G)/K over the voxel's shell, so λ is relative to the data's weight there.
     """
     k = modes
+    full_g = symmetrize(stats["G"], box, 1.0, xp)
     g = xp.zeros((box**3, k, k))
     for c, (a, b) in enumerate(pair_index(k)):
-        g[:, a, b] = stats["G"][:, c]
-        g[:, b, a] = stats["G"][:, c]
-    rhs = stats["b"].reshape(-1, k, 2)  # (re, im) per mode
+        g[:, a, b] = full_g[c]
+        g[:, b, a] = full_g[c]
+    re = symmetrize(stats["b"][0::2], box, 1.0, xp)  # (K, D³)
+    im = symmetrize(stats["b"][1::2], box, -1.0, xp)
+    rhs = xp.stack([re.T, im.T], -1)  # (D³, K, 2)
     inside = xp.flatnonzero(radius_3d(box, xp).ravel() * box <= box // 2 - 1)
     scale = shell_mean(xp.trace(g, axis1=1, axis2=2) / k, box, xp)[inside]
     lhs = g[inside] + (lam * scale + 1e-30)[:, None, None] * xp.eye(k)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import dask
 from distributed import Client, LocalCluster
+
+MMAP_THRESHOLD = 2**30  # bytes
 
 
 @dataclass
@@ -53,11 +56,14 @@ def connect(
             CUDA_VISIBLE_DEVICES=gpus, threads_per_worker=1, dashboard_address=dashboard, silence_logs=40
         )
         return Cluster(client=Client(local), backend="cupy", local=local)
-    local = LocalCluster(
-        n_workers=workers or os.cpu_count() or 1,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=dashboard,
-        silence_logs=40,
-    )
+    # dask sets MALLOC_TRIM_THRESHOLD_ in workers, which also pins glibc's mmap threshold: every
+    # large temporary is then mmapped and unmapped, and the E/M pass ran 2x slower. Keep them on the heap.
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}):
+        local = LocalCluster(
+            n_workers=workers or os.cpu_count() or 1,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=dashboard,
+            silence_logs=40,
+        )
     return Cluster(client=Client(local), backend="numpy", local=local)

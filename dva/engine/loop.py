@@ -27,6 +27,7 @@ from dva.io.mask import load_mask
 from dva.io.store import open_store
 
 EPS = 0.01  # E-step ridge, relative to tr(G_i)/K
+MIN_TASK = 64  # fewest particles per task
 
 
 @dataclass(frozen=True)
@@ -107,10 +108,16 @@ def run_3dva(
         box, pixel, params.filter_res_A, params.filter_order, params.highpass_res_A, params.highpass_order
     )
     client, backend = cluster.client, cluster.backend
-    step = images.chunks[0]
+    # Tasks follow the store's chunks, split so every worker gets at least two.
+    addresses = sorted(client.scheduler_info()["workers"])
+    step = min(images.chunks[0], max(MIN_TASK, -(-n // (2 * len(addresses)))))
     ranges = [(a, min(a + step, n)) for a in range(0, n, step)]
 
-    chunks = [client.submit(load_chunk, store, a, b, box, backend, pure=False) for a, b in ranges]
+    # Chunks are dealt round-robin to the workers and stay there (each E/M task is pinned to its chunk).
+    chunks = [
+        client.submit(load_chunk, store, a, b, box, backend, pure=False, workers=[addresses[i % len(addresses)]])
+        for i, (a, b) in enumerate(ranges)
+    ]
     mean_parts = [client.submit(mean_partial, c, box, params.scale, backend, pure=False) for c in chunks]
     mean_stats = tree_sum(client, mean_parts).result()
     owners = {f.key: next(iter(w)) for f, w in zip(chunks, client.who_has(chunks).values(), strict=True) if w}
@@ -141,6 +148,7 @@ def run_3dva(
                 "iteration": it + 1,
                 "subspace_change_deg": subspace_angle_deg(comps, new),
                 "objective": float(stats["objective"]),
+                "explained": 1.0 - float(stats["objective"]) / float(stats["baseline"]),
                 "seconds": time.perf_counter() - t_it,
             }
         )

@@ -23,9 +23,10 @@ def slice_coordinates(rotations, kx, ky, box: int, xp: ModuleType = np):
 def trilinear_stencil(coords, box: int, xp: ModuleType = np):
     """Flat voxel indices `(m, 8)` and weights `(m, 8)` of the 8 neighbours of coordinates `(..., 3)`.
 
-    Coordinates must lie inside `[0, box − 1)` on every axis (the band limit ensures it).
+    Coordinates must lie inside `[0, box − 1]` on every axis (the band limit ensures it); the upper
+    edge is nudged inside so the 8 neighbours exist.
     """
-    c = coords.reshape(-1, 3)
+    c = xp.minimum(coords.reshape(-1, 3), box - 1 - 1e-6)
     base = xp.floor(c)
     f = (c - base).astype(xp.float32)
     i = base.astype(xp.int64)
@@ -43,14 +44,34 @@ def trilinear_stencil(coords, box: int, xp: ModuleType = np):
 
 def gather(volumes, index, weights):
     """Trilinear samples `(m, C)` of flattened volumes `(D³, C)` at a stencil `(m, 8)`."""
-    out = volumes[index[:, 0]] * weights[:, 0, None]
+    out = volumes.take(index[:, 0], axis=0) * weights[:, 0, None]
     for j in range(1, 8):
-        out += volumes[index[:, j]] * weights[:, j, None]
+        out += volumes.take(index[:, j], axis=0) * weights[:, j, None]
     return out
 
 
-def insert(values, index, weights, size: int, xp: ModuleType = np):
-    """Adjoint of `gather` for real channels: values `(m, C)` spread into volumes `(size, C)` (float64)."""
+def insert(values, index, weights, out, xp: ModuleType = np):
+    """Adjoint of `gather` for real channels: add values `(m, C)` into volumes `out (C, D³)` (float64).
+
+    `out` is a local accumulator and is modified in place; it is also returned.
+    """
     flat = index.reshape(-1)
-    channels = [scatter_add((weights * values[:, c, None]).reshape(-1), flat, size, xp) for c in range(values.shape[1])]
-    return xp.stack(channels, -1)
+    for c in range(values.shape[1]):
+        out[c] += scatter_add((weights * values[:, c, None]).reshape(-1), flat, out.shape[1], xp)
+    return out
+
+
+def mirror(volumes, xp: ModuleType = np):
+    """`out[..., i] = volumes[..., D − i]` on the last three axes of centred `(..., D, D, D)` grids: the voxel at −k."""
+    axes = (-3, -2, -1)
+    return xp.roll(xp.flip(volumes, axis=axes), 1, axis=axes)
+
+
+def symmetrize(channels, box: int, sign: float, xp: ModuleType = np):
+    """Complete half-plane insertions `(C, D³)` with their Friedel mates: `x + sign·mirror(x)`.
+
+    `sign` is +1 for real parts (and real channels) and −1 for imaginary parts. Inserting each
+    half-plane sample once and then adding its mirrored conjugate equals inserting the full plane.
+    """
+    vols = channels.reshape(-1, box, box, box)
+    return (vols + sign * mirror(vols, xp)).reshape(channels.shape)
