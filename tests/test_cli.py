@@ -30,9 +30,12 @@ def test_info_on_something_else(tmp_path):
 
 
 def test_demo(tmp_path):
-    r = runner.invoke(app, ["demo", "--preset", "tiny", "--out", str(tmp_path / "d"), "--quiet"])
+    r = runner.invoke(app, ["demo", "--preset", "tiny", "--out", str(tmp_path / "d"), "--quiet", "--iterations", "5"])
     assert r.exit_code == 0, r.output
     assert "600 images of 32x32 px" in r.stdout
+    assert "subspace capture of the" in r.stdout and "Spearman(z0, latent)" in r.stdout
+    for name in ("dva_map.mrc", "dva_component_0.mrc", "dva_particles.cs", "dva_particles.star", "job.json"):
+        assert (tmp_path / "d" / "run" / name).is_file(), name
 
 
 def test_quiet_means_no_progress(tmp_path):

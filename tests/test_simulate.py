@@ -1,12 +1,14 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from dva.io.mrc import StackReader
 from dva.io.star import read_star
 from dva.ops.ctf import ctf_2d, frequency_grid_2d
 from dva.sim.phantom import blob_state, make_phantom, project_blobs
-from dva.sim.simulate import PRESETS, clean_images, draw, simulate_dataset
+from dva.sim.simulate import PRESETS, SUBUNIT_CONTRAST, clean_images, draw, simulate_dataset
 
 
 def test_noise_level_and_signal_match_the_record(tmp_path):
@@ -17,6 +19,7 @@ def test_noise_level_and_signal_match_the_record(tmp_path):
     table = read_star(sim / "particles.star")
     p = PRESETS["tiny"]
     phantom = make_phantom(p.box, p.pixel_size_A, np.random.default_rng(5))
+    phantom = replace(phantom, amplitude=np.where(phantom.optional, SUBUNIT_CONTRAST, 1.0) * phantom.amplitude)
     centres, amplitude = blob_state(phantom, truth["latent"], truth["present"])
     proj = project_blobs(
         centres, phantom.sigma_A, amplitude, table["rotation"].values, table["shift_px"].values, p.box, p.pixel_size_A

@@ -167,9 +167,10 @@ def run_3dva(
             for c in chunks
         ]
     )
-    z = np.concatenate([c[0] for c in coords])
-    alpha = np.concatenate([c[1] for c in coords])
-    components, z, variances = principal_axes(comps, z)
+    z = np.concatenate([c["z"] for c in coords])
+    alpha = np.concatenate([c["alpha"] for c in coords])
+    noise_cov = sum(c["zcov"] for c in coords) / len(z)
+    components, z, variances = principal_axes(comps, z, noise_cov)
     timings["final_pass_s"] = time.perf_counter() - t_final
     timings["total_s"] = time.perf_counter() - t0
     return Result(

@@ -66,10 +66,9 @@ def em_partial(chunk: Chunk, model: Model, box: int, backend: str) -> dict:
     return _host(out)
 
 
-def em_coordinates(chunk: Chunk, model: Model, box: int, backend: str) -> tuple[np.ndarray, np.ndarray]:
-    """Coordinates `z (n, K)` and scales `alpha (n,)` of one chunk with the given model."""
+def em_coordinates(chunk: Chunk, model: Model, box: int, backend: str) -> dict:
+    """Coordinates `z (n, K)`, scales `alpha (n,)` and summed noise covariance `zcov` of one chunk."""
     out = em_statistics(
         chunk, _on_device(model, backend), _band(box, backend), statistics=False, xp=array_module(backend)
     )
-    host = _host({"z": out["z"], "alpha": out["alpha"]})
-    return host["z"], host["alpha"]
+    return _host({"z": out["z"], "alpha": out["alpha"], "zcov": out["zcov"]})
