@@ -262,6 +262,46 @@ def _iteration_bar(iterations: int, quiet: bool) -> Iterator:
 
 
 @app.command()
+def bench(
+    particles: Annotated[int, typer.Option(help="Synthetic particles.")] = 20_000,
+    box: Annotated[int, typer.Option(help="Box in pixels.")] = 64,
+    modes: Annotated[int, typer.Option(help="Components K.")] = 3,
+    chunk_size: Annotated[int | None, typer.Option(help="Particles per store chunk.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Workers of the embedded CPU cluster.")] = None,
+    gpus: Annotated[str | None, typer.Option(help="GPUs to use (e.g. 0,1), or none.")] = None,
+    iterations: Annotated[int, typer.Option(help="Iterations to time.")] = 3,
+    scheduler: Annotated[str | None, typer.Option(help="Address of a running dask scheduler.")] = None,
+    json_line: Annotated[bool, typer.Option("--json", help="Print one JSON line only.")] = False,
+) -> None:
+    """Benchmark the E/M iterations: time per iteration, particles/s, peak memory per worker."""
+    import json
+
+    from dva.engine.bench import bench as run_bench
+
+    with _user_errors():
+        found = run_bench(
+            particles,
+            box,
+            modes,
+            chunk_size=chunk_size,
+            workers=workers,
+            gpus=gpus,
+            iterations=iterations,
+            scheduler=scheduler,
+        )
+    if json_line:
+        print(json.dumps(found))
+        return
+    for i, t in enumerate(found["iteration_s"], 1):
+        print(f"iteration {i}: {t:.2f} s ({found['particles'] / t:,.0f} particles/s)")
+    print(
+        f"{found['particles']:,} particles, box {box}, K={modes}, {found['workers']} {found['backend']} worker(s): "
+        f"median {found['median_iteration_s']:.2f} s per iteration = {found['particles_per_s']:,.0f} particles/s; "
+        f"peak memory per worker {', '.join(f'{m:.0f}' for m in found['peak_worker_rss_mb'])} MB"
+    )
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for the demo's files.")] = Path("dva-demo"),
     preset: Annotated[str, typer.Option(help="Simulation preset.")] = "small",

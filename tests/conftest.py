@@ -28,3 +28,28 @@ def load_pickle(path: Path):
 
     with open(path, "rb") as f:
         return pickle.load(f)
+
+
+def _cupy_or_skip():
+    cupy = pytest.importorskip("cupy")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            pytest.skip("no CUDA device")
+    except Exception:
+        pytest.skip("no CUDA device")
+    return cupy
+
+
+@pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
+def xp(request):
+    """The array module under test: NumPy always, CuPy where a CUDA device is visible."""
+    if request.param == "cupy":
+        return _cupy_or_skip()
+    import numpy
+
+    return numpy
+
+
+def to_host(a):
+    """NumPy copy of a NumPy or CuPy array."""
+    return a.get() if hasattr(a, "get") else a

@@ -104,17 +104,22 @@ def simulate_dataset(
     preset: str = "small",
     *,
     particles: int | None = None,
+    box: int | None = None,
     snr: float | None = None,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> Path:
     """Write `particles.star`, `particles.mrcs`, `particles.cs`, `mask.mrc` and `truth/` into `out`.
 
+    `particles`, `box` and `snr` override the preset's (a different box keeps the physical size).
+
     `truth/truth.npz` holds per-particle `latent` and `present`, the true `mean` volume and
     `components` (top eigenvectors of the volume distribution, unit norm) with their
     `variance_fraction`; `truth/mean.mrc` and `truth/component_<k>.mrc` are the same volumes.
     """
     p = PRESETS[preset]
+    if box is not None:  # the same molecule and physical box, sampled on `box` pixels
+        p = Preset(particles=p.particles, box=box, pixel_size_A=p.pixel_size_A * p.box / box, snr=p.snr)
     n = particles or p.particles
     snr = snr or p.snr
     out = Path(out)

@@ -1,0 +1,66 @@
+"""`dva bench`: time the E/M iterations on a synthetic dataset (simulate → import → run)."""
+
+from __future__ import annotations
+
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dva.engine.cluster import connect
+from dva.engine.loop import RunParams, run_3dva
+from dva.io.star import read_star
+from dva.io.store import import_particles
+from dva.sim.simulate import simulate_dataset
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB (Linux reports kB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench(
+    particles: int,
+    box: int,
+    modes: int,
+    *,
+    chunk_size: int | None = None,
+    workers: int | None = None,
+    gpus: str | None = None,
+    iterations: int = 3,
+    scheduler: str | None = None,
+) -> dict:
+    """Per-iteration times, particles per second per iteration and peak memory per worker."""
+    with tempfile.TemporaryDirectory(prefix="dva-bench-") as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        sim = simulate_dataset(tmp / "sim", "small", particles=particles, box=box, seed=0)
+        import_particles(read_star(sim / "particles.star"), tmp / "s.zarr", chunk_size=chunk_size)
+        prepare_s = time.perf_counter() - t0
+        pixel = float(read_star(sim / "particles.star")["pixel_size_A"][0])
+        cluster = connect(scheduler, workers=workers, gpus=gpus)
+        try:
+            params = RunParams(filter_res_A=4 * pixel, modes=modes, iterations=iterations)
+            result = run_3dva(tmp / "s.zarr", sim / "mask.mrc", params, cluster)
+            peaks = cluster.client.run(_peak_rss_mb)
+            n_workers = len(peaks)
+        finally:
+            cluster.close()
+    times = [m["seconds"] for m in result.metrics]
+    median = float(np.median(times))
+    return {
+        "particles": particles,
+        "box": box,
+        "modes": modes,
+        "workers": n_workers,
+        "backend": cluster.backend,
+        "chunk_size": chunk_size,
+        "iteration_s": times,
+        "median_iteration_s": median,
+        "particles_per_s": particles / median,
+        "mean_pass_s": result.timings["mean_s"],
+        "prepare_s": prepare_s,
+        "peak_worker_rss_mb": sorted(round(v, 1) for v in peaks.values()),
+    }
