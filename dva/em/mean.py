@@ -11,6 +11,7 @@ from types import ModuleType
 import numpy as np
 
 from dva.em.chunk import Band, Chunk
+from dva.em.estep import BATCH
 from dva.ops.filters import radius_3d, to_real
 from dva.ops.slice import insert, slice_coordinates, symmetrize, trilinear_stencil
 
@@ -20,13 +21,15 @@ MEAN_TAU = 1e-3  # τ as a fraction of the shell's mean denominator
 def mean_statistics(chunk: Chunk, band: Band, scale: str, xp: ModuleType = np) -> dict:
     """Partial sums of one chunk: numerator `(2, D³)` (re, im), denominator `(1, D³)`, power per shell."""
     box = band.box
-    alpha = chunk.scale if scale == "input" else xp.ones_like(chunk.scale)
-    index, weights = trilinear_stencil(slice_coordinates(chunk.rotation, band.kx, band.ky, box, xp), box, xp)
     half = band.multiplicity / 2  # each sample stands for itself and its mate (see `symmetrize`)
-    num = (alpha[:, None] * chunk.ctf * half) * chunk.y
-    den = (alpha[:, None] * chunk.ctf) ** 2 * half
-    values = xp.stack([num.real.ravel(), num.imag.ravel(), den.ravel()], -1)
-    sums = insert(values, index, weights, xp.zeros((3, box**3)), xp)
+    sums = xp.zeros((3, box**3))
+    for lo in range(0, len(chunk.y), BATCH):
+        sl = slice(lo, lo + BATCH)
+        alpha = chunk.scale[sl] if scale == "input" else xp.ones(len(chunk.scale[sl]))
+        index, weights = trilinear_stencil(slice_coordinates(chunk.rotation[sl], band.kx, band.ky, box, xp), box, xp)
+        num = (alpha[:, None] * chunk.ctf[sl] * half) * chunk.y[sl]
+        den = (alpha[:, None] * chunk.ctf[sl]) ** 2 * half
+        insert(xp.stack([num.real.ravel(), num.imag.ravel(), den.ravel()], -1), index, weights, sums, xp)
     power = xp.bincount(
         xp.broadcast_to(band.shell, chunk.y.shape).ravel(),
         weights=(xp.abs(chunk.y) ** 2 * band.multiplicity).ravel().astype(xp.float64),
