@@ -30,7 +30,7 @@ def sim(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_workers():
-    cluster = connect(workers=2, dashboard=None)
+    cluster = connect(workers=2)
     yield cluster
     cluster.close()
 
@@ -93,7 +93,7 @@ def test_principal_axes_keep_the_volumes_and_sort():
 
 
 def test_one_worker_equals_two_and_seed_reproduces(sim, result):
-    one = connect(workers=1, dashboard=None)
+    one = connect(workers=1)
     try:
         again = run_3dva(sim / "s.zarr", sim / "sim" / "mask.mrc", RunParams(filter_res_A=FILTER_A), one)
     finally:
