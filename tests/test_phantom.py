@@ -10,7 +10,6 @@ from scipy import ndimage
 
 from dva.ops.rotation import euler_to_matrix, random_rotations
 from dva.sim.phantom import (
-    _distance_px,
     blob_state,
     make_phantom,
     project_blobs,
@@ -190,14 +189,3 @@ def test_soft_mask_covers_every_state():
         assert np.all(mask[dens > 0.1 * ph.amplitude.min()] >= 0.99)
     without = soft_mask(ph, 0.0)
     assert np.all(without <= mask) and without.sum() < mask.sum()
-
-
-def test_distance_transform_matches_scipy_within_reach():
-    rng = np.random.default_rng(11)
-    inside = rng.random((20, 22, 18)) > 0.995
-    reach = 6
-    ref = ndimage.distance_transform_edt(~inside)
-    got = _distance_px(inside, reach)
-    near = ref <= reach
-    np.testing.assert_allclose(got[near], ref[near], atol=1e-12)
-    assert np.all(got[~near] > reach)

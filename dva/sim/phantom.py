@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dva.ops import masks
+
 _PARTICLE_BATCH = 256  # particles per vectorised step of `project_blobs`
 _MASK_STATES = 33  # latent values whose union makes the mask
 _MASK_THRESHOLD = 0.1  # fraction of the weakest blob's peak that counts as density
@@ -312,23 +314,6 @@ def true_mean_and_components(
     return mean, components.reshape(k, box, box, box), variances, fraction
 
 
-def _distance_px(inside: np.ndarray, reach: int) -> np.ndarray:
-    """Euclidean distance in pixels from each voxel to the nearest `inside` voxel.
-
-    Exact up to `reach` pixels (separable squared-distance transform with offsets limited
-    to ±reach); farther voxels get a value above `reach` (possibly inf).
-    """
-    f = np.where(inside, 0.0, np.inf)
-    for axis in range(f.ndim):
-        g = np.moveaxis(f, axis, -1)
-        out = g.copy()
-        for o in range(1, reach + 1):
-            np.minimum(out[..., o:], g[..., :-o] + o * o, out=out[..., o:])
-            np.minimum(out[..., :-o], g[..., o:] + o * o, out=out[..., :-o])
-        f = np.moveaxis(out, -1, axis)
-    return np.sqrt(f)
-
-
 def soft_mask(phantom: Phantom, p_present: float, *, dilate_px: float = 3, soft_px: float = 3) -> np.ndarray:
     """Soft mask covering the molecule in every state.
 
@@ -347,11 +332,5 @@ def soft_mask(phantom: Phantom, p_present: float, *, dilate_px: float = 3, soft_
     density = np.zeros((box, box, box))
     for c, a in zip(centres, amplitude, strict=True):
         np.maximum(density, render_volume(c, phantom.sigma_A, a, box, px), out=density)
-    support = density > _MASK_THRESHOLD * phantom.amplitude[phantom.amplitude > 0].min()
-    dist = _distance_px(support, int(np.ceil(dilate_px + soft_px)))
-    if soft_px > 0:
-        t = np.clip((dist - dilate_px) / soft_px, 0.0, 1.0)
-        mask = 0.5 * (1.0 + np.cos(np.pi * t))
-    else:
-        mask = (dist <= dilate_px).astype(np.float64)
-    return mask.astype(np.float32)
+    threshold = _MASK_THRESHOLD * phantom.amplitude[phantom.amplitude > 0].min()
+    return masks.soft_mask(density, threshold, dilate_px=dilate_px, soft_px=soft_px)
