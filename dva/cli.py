@@ -202,6 +202,12 @@ def run(
             finally:
                 cluster.close()
             table = table.isel(particle=slice(0, result.particles))
+            if result.data_sign < 0:
+                print(
+                    "warning: the mean came out negative inside the mask: images were used inverted "
+                    "(black on white); check --data-sign at import",
+                    file=sys.stderr,
+                )
             job = {"input": str(input.absolute()), "mask": str(mask.absolute()), "backend": cluster.backend}
             write_results(out, prefix, result, table, job)
         print(

@@ -84,3 +84,26 @@ def test_run_refuses_bad_input(tmp_path):
         ],
     )
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_inverted_images_are_detected(tmp_path):
+    """Images stored black on white give a negative mean: the run notices and uses them negated."""
+    from dva.engine.cluster import connect
+    from dva.engine.loop import RunParams, run_3dva
+    from dva.io.store import import_particles
+
+    sim = simulate_dataset(tmp_path / "sim", "tiny", particles=300, seed=6)
+    table = read_star(sim / "particles.star")
+    import_particles(table, tmp_path / "up.zarr")
+    import_particles(table, tmp_path / "down.zarr", data_sign="-1")
+    cluster = connect(workers=1)
+    try:
+        params = RunParams(filter_res_A=12, modes=2, iterations=2)
+        up = run_3dva(tmp_path / "up.zarr", sim / "mask.mrc", params, cluster)
+        down = run_3dva(tmp_path / "down.zarr", sim / "mask.mrc", params, cluster)
+    finally:
+        cluster.close()
+    assert (up.data_sign, down.data_sign) == (1.0, -1.0)
+    truth = np.load(sim / "truth" / "truth.npz")["mean"]
+    assert np.corrcoef(down.mean.ravel(), truth.ravel())[0, 1] > 0.9
+    np.testing.assert_allclose(down.mean, up.mean, atol=1e-4 * np.abs(up.mean).max())

@@ -48,7 +48,7 @@ def em_statistics(chunk: Chunk, model: Model, band: Band, *, statistics: bool = 
         sums = xp.zeros((len(pairs) + 2 * k, box**3))
     for lo in range(0, len(chunk.y), BATCH):
         sl = slice(lo, lo + BATCH)
-        y, c = chunk.y[sl], chunk.ctf[sl]
+        y, c = chunk.y[sl] * model.data_sign, chunk.ctf[sl]
         n = len(y)
         index, weights = trilinear_stencil(slice_coordinates(chunk.rotation[sl], band.kx, band.ky, box, xp), box, xp)
         s = gather(model.volumes, index, weights).reshape(n, -1, k + 1) * c[..., None]

@@ -16,13 +16,15 @@ class Model:
 
     `volumes`: `(D³, K+1)` complex64, the centred Fourier layout of V_0 … V_K flattened;
     `noise_inverse`: `(shells,)` 1/σ² per shell; `eps`: E-step regulariser; `scale`:
-    `optimal`, `input` or `none`.
+    `optimal`, `input` or `none`; `data_sign`: ±1 applied to the stored images (−1 when the
+    run found them black on white).
     """
 
     volumes: np.ndarray
     noise_inverse: np.ndarray
     eps: float
     scale: str
+    data_sign: float = 1.0
 
     @property
     def modes(self) -> int:

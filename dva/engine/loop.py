@@ -25,6 +25,7 @@ from dva.engine.tasks import em_coordinates, em_partial, load_chunk, mean_partia
 from dva.errors import DvaInputError
 from dva.io.mask import load_mask
 from dva.io.store import open_store
+from dva.ops.filters import to_fourier, to_real
 
 EPS = 0.01  # E-step ridge, relative to tr(G_i)/K
 MIN_TASK = 64  # fewest particles per task
@@ -61,6 +62,7 @@ class Result:
     box: int
     pixel_size_A: float
     particles: int
+    data_sign: float = 1.0  # −1 when the stored images were found black on white
     metrics: list[dict] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)
@@ -122,13 +124,17 @@ def run_3dva(
     mean_stats = tree_sum(client, mean_parts).result()
     owners = {f.key: next(iter(w)) for f, w in zip(chunks, client.who_has(chunks).values(), strict=True) if w}
     mean = solve_mean(mean_stats, box)
+    # Data sign (DESIGN.md §1): protein density is positive; a low-passed mean that is negative
+    # inside the mask means the stored images are black on white, so they are used negated.
+    data_sign = 1.0 if float((to_real(to_fourier(mean) * filt) * mask).sum()) >= 0 else -1.0
+    mean = mean * data_sign
     noise_inverse = noise_from_power(mean_stats, params.noise == "white")
     comps = random_components(params.modes, mask, filt, np.random.default_rng(params.seed))
     timings = {"mean_s": time.perf_counter() - t0}
     metrics: list[dict] = []
 
     def model_future(components: np.ndarray):
-        model = Model(fourier_stack(mean, components), noise_inverse, EPS, params.scale)
+        model = Model(fourier_stack(mean, components), noise_inverse, EPS, params.scale, data_sign)
         return client.scatter(model, broadcast=True, hash=False)
 
     for it in range(params.iterations):
@@ -182,6 +188,7 @@ def run_3dva(
         box=box,
         pixel_size_A=pixel,
         particles=n,
+        data_sign=data_sign,
         metrics=metrics,
         timings=timings,
         params=asdict(params),

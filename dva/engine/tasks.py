@@ -55,6 +55,7 @@ def _on_device(model: Model, backend: str) -> Model:
         noise_inverse=xp.asarray(model.noise_inverse),
         eps=model.eps,
         scale=model.scale,
+        data_sign=model.data_sign,
     )
 
 

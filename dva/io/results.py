@@ -69,6 +69,7 @@ def write_results(out_dir: Path, prefix: str, result, table: xr.Dataset, job: di
         "particles": result.particles,
         "box": result.box,
         "pixel_size_A": result.pixel_size_A,
+        "data_sign_applied": result.data_sign,
         "parameters": result.params,
         "variances": [float(v) for v in result.variances],
         "timings_s": result.timings,
