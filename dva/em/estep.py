@@ -27,8 +27,8 @@ def pair_index(k: int) -> list[tuple[int, int]]:
 def em_statistics(chunk: Chunk, model: Model, band: Band, *, statistics: bool = True, xp: ModuleType = np) -> dict:
     """E-step for the chunk's particles and, when `statistics`, its partial M-step sums.
 
-    Returns `z (n, K)`, `alpha (n,)`, `zcov` (Σ_i (G_i + ridge)⁻¹/α_i², the noise covariance of the
-    coordinates summed), `objective` (Σ W|residual|²), `baseline` (the same after the
+    Returns `z (n, K)`, `alpha (n,)`, `zsum` (Σ_i z_i), `zcov` (Σ_i (G_i + ridge)⁻¹/α_i², the noise
+    covariance of the coordinates summed), `objective` (Σ W|residual|²), `baseline` (the same after the
     mean alone, so `1 − objective/baseline` is the fraction the components explain), `power`/`count` per shell of the
     residual and, with `statistics`, `G (K(K+1)/2, D³)` and `b (2K, D³)` (re, im per mode) in float64.
     """
@@ -41,6 +41,7 @@ def em_statistics(chunk: Chunk, model: Model, band: Band, *, statistics: bool = 
         "objective": 0.0,
         "baseline": 0.0,
         "zcov": xp.zeros((k, k)),
+        "zsum": xp.zeros(k),
         "power": xp.zeros(band.shells),
         "count": xp.bincount(band.shell, weights=band.multiplicity, minlength=band.shells) * float(len(chunk.y)),
     }
@@ -68,6 +69,7 @@ def em_statistics(chunk: Chunk, model: Model, band: Band, *, statistics: bool = 
         inverse = xp.linalg.inv(g + ridge[:, None, None] * xp.eye(k))
         z = xp.einsum("nkl,nl->nk", inverse, bvec) / alpha[:, None]
         out["zcov"] += (inverse / (alpha**2)[:, None, None]).sum(0)
+        out["zsum"] += z.sum(0)
         resid = r - alpha[:, None] * xp.einsum("npk,nk->np", comps, z.astype(comps.dtype))
         res2 = xp.abs(resid) ** 2 * band.multiplicity
         out["objective"] += float((res2 * model.noise_inverse[band.shell]).sum())

@@ -147,6 +147,9 @@ def run_3dva(
             for c in chunks
         ]
         stats = tree_sum(client, parts).result()
+        # Re-centre: a common offset of the coordinates is an error of the mean, not variability;
+        # moving it into the mean frees the components for what varies.
+        mean = mean + np.tensordot(stats["zsum"] / n, comps, axes=1)
         new = solve_components(stats, box, params.modes, params.lam)
         new = regularize(new, mask, filt, orthonormalize=params.gram_schmidt)
         metrics.append(
@@ -176,7 +179,9 @@ def run_3dva(
     z = np.concatenate([c["z"] for c in coords])
     alpha = np.concatenate([c["alpha"] for c in coords])
     noise_cov = sum(c["zcov"] for c in coords) / len(z)
-    components, z, variances = principal_axes(comps, z, noise_cov)
+    zbar = z.mean(axis=0)
+    mean = (mean + np.tensordot(zbar, comps, axes=1)).astype(np.float32)
+    components, z, variances = principal_axes(comps, z - zbar, noise_cov)
     timings["final_pass_s"] = time.perf_counter() - t_final
     timings["total_s"] = time.perf_counter() - t0
     return Result(
