@@ -8,7 +8,7 @@ import numpy as np
 
 from dva.em.estep import pair_index
 from dva.em.mean import shell_mean
-from dva.ops.filters import radius_3d, to_fourier, to_real
+from dva.ops.filters import butterworth_highpass, butterworth_lowpass, radius_3d, to_fourier, to_real
 from dva.ops.slice import symmetrize
 
 
@@ -46,9 +46,9 @@ def band_filter(
 ):
     """Butterworth low-pass at `filter_res_A` (and high-pass at `highpass_res_A`), `(D, D, D)` centred."""
     k = radius_3d(box, xp) / pixel_size_A  # Å⁻¹
-    filt = 1.0 / (1.0 + (k * filter_res_A) ** (2 * order))
+    filt = butterworth_lowpass(k, 1.0 / filter_res_A, order)
     if highpass_res_A:
-        filt = filt * (1.0 - 1.0 / (1.0 + (k * highpass_res_A) ** (2 * highpass_order)))
+        filt = filt * butterworth_highpass(k, 1.0 / highpass_res_A, highpass_order)
     return filt
 
 

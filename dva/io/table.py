@@ -99,11 +99,6 @@ def make_table(
     )
 
 
-def select(table: xr.Dataset, index: np.ndarray | slice) -> xr.Dataset:
-    """Rows `index` of the table, attributes kept."""
-    return table.isel(particle=index)
-
-
 def uids_from_rows(source: str, n: int) -> np.ndarray:
     """Deterministic 64-bit uids for inputs that carry none (RELION): a hash of path and row."""
     seed = int.from_bytes(hashlib.sha256(source.encode()).digest()[:8], "little")

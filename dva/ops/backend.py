@@ -1,19 +1,10 @@
-"""The array module of an array (NumPy or CuPy) and the few kernels that differ between them."""
+"""The few kernels that differ between NumPy and CuPy."""
 
 from __future__ import annotations
 
 from types import ModuleType
 
 import numpy as np
-
-
-def array_module(a) -> ModuleType:
-    """`numpy` or `cupy`, whichever owns `a`."""
-    if type(a).__module__.startswith("cupy"):
-        import cupy
-
-        return cupy
-    return np
 
 
 def scatter_add(values, index, size: int, xp: ModuleType = np):
