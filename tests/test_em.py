@@ -21,10 +21,12 @@ FILTER_A = 12.0
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
-    """3,000 particles of the tiny preset (box 32, 4 Å, SNR 0.5), imported in chunks of 500."""
+    """3,000 particles of the tiny preset (box 32, 4 Å, SNR 0.5), imported in chunks of 500 and of 700."""
     out = tmp_path_factory.mktemp("em")
     simulate_dataset(out / "sim", "tiny", particles=3000, seed=0)
-    import_particles(read_star(out / "sim" / "particles.star"), out / "s.zarr", chunk_size=500)
+    table = read_star(out / "sim" / "particles.star")
+    import_particles(table, out / "s.zarr", chunk_size=500)
+    import_particles(table, out / "s700.zarr", chunk_size=700)  # other chunks: other tasks and sum tree
     return out
 
 
@@ -94,10 +96,11 @@ def test_principal_axes_keep_the_volumes_and_sort():
     np.testing.assert_allclose(coords.T @ coords / len(coords), np.diag(variances), atol=1e-9)  # ZᵀZ/N
 
 
-def test_one_worker_equals_two_and_seed_reproduces(sim, result):
+def test_one_worker_and_other_chunks_give_the_same_result(sim, result):
+    """Same seed, 1 worker instead of 2, chunks of 700 instead of 500: the same components and z."""
     one = connect(workers=1)
     try:
-        again = run_3dva(sim / "s.zarr", sim / "sim" / "mask.mrc", RunParams(filter_res_A=FILTER_A), one)
+        again = run_3dva(sim / "s700.zarr", sim / "sim" / "mask.mrc", RunParams(filter_res_A=FILTER_A), one)
     finally:
         one.close()
     for a, b in zip(result.components, again.components, strict=True):

@@ -53,9 +53,8 @@ def make_band(box: int, xp: ModuleType = np) -> Band:
 
 @dataclass(frozen=True)
 class Chunk:
-    """Particles `start … start + n` of a store, ready for the passes (arrays of one backend)."""
+    """n particles of a store, ready for the passes (arrays of one backend)."""
 
-    start: int
     y: np.ndarray  # (n, P) complex64, centred data samples
     ctf: np.ndarray  # (n, P) float32
     rotation: np.ndarray  # (n, 3, 3) float64, RELION matrices A
@@ -63,7 +62,6 @@ class Chunk:
 
 
 def prepare_chunk(
-    start: int,
     images: np.ndarray,
     rows: dict[str, np.ndarray],
     band: Band,
@@ -96,7 +94,6 @@ def prepare_chunk(
         xp=xp,
     )
     return Chunk(
-        start=start,
         y=(f * phase).astype(xp.complex64),
         ctf=ctf.astype(xp.float32),
         rotation=xp.asarray(rows["rotation"], dtype=xp.float64),

@@ -8,6 +8,7 @@ iteration; the driver only solves per voxel and filters.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -68,8 +69,23 @@ class Result:
     params: dict = field(default_factory=dict)
 
 
+def task_ranges(n: int, chunk: int, workers: int) -> list[tuple[int, int]]:
+    """Particle ranges of the tasks: each store chunk split into equal pieces, so that every worker
+    gets at least two tasks and no task spans two zarr chunks."""
+    target = max(MIN_TASK, -(-n // (2 * workers)))
+    ranges = []
+    for lo in range(0, n, chunk):
+        hi = min(lo + chunk, n)
+        pieces = -(-(hi - lo) // target)
+        edges = [lo + (hi - lo) * i // pieces for i in range(pieces + 1)]
+        ranges += list(itertools.pairwise(edges))
+    return ranges
+
+
 def _check(params: RunParams, box_in: int, pixel_in: float) -> tuple[int, float]:
     box = params.box or box_in
+    if params.box is None and box_in % 2:
+        raise DvaInputError(f"the store's box {box_in} is odd: give an even --box to Fourier-crop it")
     if box > box_in or box % 2 or box < 16:
         raise DvaInputError(f"--box {box}: must be even, at least 16 and at most the stored box {box_in}")
     pixel = pixel_in * box_in / box
@@ -79,6 +95,10 @@ def _check(params: RunParams, box_in: int, pixel_in: float) -> tuple[int, float]
         )
     if params.modes < 1:
         raise DvaInputError(f"--modes {params.modes}: need at least 1")
+    if params.iterations < 1:
+        raise DvaInputError(f"--iterations {params.iterations}: need at least 1")
+    if params.max_particles is not None and params.max_particles < 1:
+        raise DvaInputError(f"--max-particles {params.max_particles}: need at least 1")
     if params.scale not in ("optimal", "input", "none"):
         raise DvaInputError(f"--scale {params.scale}: use optimal, input or none")
     if params.noise not in ("colored", "white"):
@@ -102,18 +122,16 @@ def run_3dva(
         raise DvaInputError(f"{attrs['source']}: particles have no poses (3DVA needs a consensus refinement)")
     if table["ctf_premultiplied"].to_numpy().any():
         raise DvaInputError(f"{attrs['source']}: CTF-premultiplied images are not supported yet")
+    box, pixel = _check(params, images.shape[-1], attrs["pixel_size_A"])
     n = min(images.shape[0], params.max_particles or images.shape[0])
-    stored_pixel = float(np.median(table["pixel_size_A"].to_numpy())) * attrs["original_box"] / images.shape[-1]
-    box, pixel = _check(params, images.shape[-1], stored_pixel)
     mask = load_mask(mask_path, box, pixel)
     filt = band_filter(
         box, pixel, params.filter_res_A, params.filter_order, params.highpass_res_A, params.highpass_order
     )
     client, backend = cluster.client, cluster.backend
-    # Tasks follow the store's chunks, split so every worker gets at least two.
-    addresses = sorted(client.scheduler_info()["workers"])
-    step = min(images.chunks[0], max(MIN_TASK, -(-n // (2 * len(addresses)))))
-    ranges = [(a, min(a + step, n)) for a in range(0, n, step)]
+    client.wait_for_workers(1)
+    addresses = sorted(client.ncores())  # asks the scheduler now (scheduler_info() may be stale)
+    ranges = task_ranges(n, images.chunks[0], len(addresses))
 
     # Chunks are dealt round-robin to the workers and stay there (each E/M task is pinned to its chunk).
     chunks = [

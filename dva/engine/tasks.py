@@ -32,7 +32,7 @@ def load_chunk(store: str, start: int, stop: int, box: int, backend: str) -> Chu
     images = root["images"][start:stop]
     table = xr.open_zarr(store, group="particles", consolidated=False).isel(particle=slice(start, stop))
     rows = {name: table[name].to_numpy() for name in ROW_FIELDS}
-    return prepare_chunk(start, images, rows, make_band(box, xp), int(root.attrs["original_box"]), xp)
+    return prepare_chunk(images, rows, make_band(box, xp), int(root.attrs["original_box"]), xp)
 
 
 def _band(box: int, backend: str) -> Band:
@@ -62,8 +62,8 @@ def _on_device(model: Model, backend: str) -> Model:
 def em_partial(chunk: Chunk, model: Model, box: int, backend: str) -> dict:
     """Summable statistics of one chunk for the M-step (coordinates dropped)."""
     out = em_statistics(chunk, _on_device(model, backend), _band(box, backend), xp=array_module(backend))
-    out.pop("z")
-    out.pop("alpha")
+    for unused in ("z", "alpha", "zcov"):
+        out.pop(unused)
     return _host(out)
 
 
