@@ -15,6 +15,7 @@ from types import ModuleType
 import numpy as np
 
 from dva.ops.ctf import ctf_2d
+from dva.ops.filters import radius_3d
 from dva.ops.fourier import fourier_crop
 
 
@@ -33,6 +34,15 @@ class Band:
     @property
     def shells(self) -> int:
         return self.box // 2
+
+    def shell_counts(self, particles: int, xp: ModuleType = np):
+        """Full-plane pixels per shell over `particles` images (the denominators of shell averages)."""
+        return xp.bincount(self.shell, weights=self.multiplicity, minlength=self.shells) * float(particles)
+
+
+def inside_band_3d(box: int, xp: ModuleType = np):
+    """`(D³,)` bool: voxels of the centred grid within the band radius `box//2 − 1`."""
+    return radius_3d(box, xp).ravel() * box <= box // 2 - 1
 
 
 def make_band(box: int, xp: ModuleType = np) -> Band:

@@ -43,7 +43,7 @@ def em_statistics(chunk: Chunk, model: Model, band: Band, *, statistics: bool = 
         "zcov": xp.zeros((k, k)),
         "zsum": xp.zeros(k),
         "power": xp.zeros(band.shells),
-        "count": xp.bincount(band.shell, weights=band.multiplicity, minlength=band.shells) * float(len(chunk.y)),
+        "count": band.shell_counts(len(chunk.y), xp),
     }
     if statistics:
         sums = xp.zeros((len(pairs) + 2 * k, box**3))

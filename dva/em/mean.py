@@ -10,7 +10,7 @@ from types import ModuleType
 
 import numpy as np
 
-from dva.em.chunk import Band, Chunk
+from dva.em.chunk import Band, Chunk, inside_band_3d
 from dva.em.estep import BATCH
 from dva.ops.filters import radius_3d, to_real
 from dva.ops.slice import insert, slice_coordinates, symmetrize, trilinear_stencil
@@ -35,7 +35,7 @@ def mean_statistics(chunk: Chunk, band: Band, scale: str, xp: ModuleType = np) -
         weights=(xp.abs(chunk.y) ** 2 * band.multiplicity).ravel().astype(xp.float64),
         minlength=band.shells,
     )
-    count = xp.bincount(band.shell, weights=band.multiplicity, minlength=band.shells) * float(len(chunk.y))
+    count = band.shell_counts(len(chunk.y), xp)
     return {"num": sums[:2], "den": sums[2:], "power": power, "count": count}
 
 
@@ -57,7 +57,7 @@ def solve_mean(stats: dict, box: int, xp: ModuleType = np) -> np.ndarray:
     num = symmetrize(stats["num"][0], box, 1.0, xp) + 1j * symmetrize(stats["num"][1], box, -1.0, xp)
     den = symmetrize(stats["den"][0], box, 1.0, xp)
     tau = MEAN_TAU * shell_mean(den, box, xp) + 1e-30
-    inside = radius_3d(box, xp).ravel() * box <= box // 2 - 1
+    inside = inside_band_3d(box, xp)
     spectrum = xp.where(inside, num / (den + tau), 0).reshape(box, box, box)
     return to_real(spectrum, xp).astype(xp.float32)
 

@@ -6,6 +6,7 @@ from types import ModuleType
 
 import numpy as np
 
+from dva.em.chunk import inside_band_3d
 from dva.em.estep import pair_index
 from dva.em.mean import shell_mean
 from dva.ops.filters import butterworth_highpass, butterworth_lowpass, radius_3d, to_fourier, to_real
@@ -26,7 +27,7 @@ def solve_components(stats: dict, box: int, modes: int, lam: float, xp: ModuleTy
     re = symmetrize(stats["b"][0::2], box, 1.0, xp)  # (K, D³)
     im = symmetrize(stats["b"][1::2], box, -1.0, xp)
     rhs = xp.stack([re.T, im.T], -1)  # (D³, K, 2)
-    inside = xp.flatnonzero(radius_3d(box, xp).ravel() * box <= box // 2 - 1)
+    inside = xp.flatnonzero(inside_band_3d(box, xp))
     scale = shell_mean(xp.trace(g, axis1=1, axis2=2) / k, box, xp)[inside]
     lhs = g[inside] + (lam * scale + 1e-30)[:, None, None] * xp.eye(k)
     sol = xp.linalg.solve(lhs, rhs[inside])  # (m, K, 2)

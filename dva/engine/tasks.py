@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from types import ModuleType
 
 import numpy as np
@@ -32,10 +33,12 @@ def load_chunk(store: str, start: int, stop: int, box: int, backend: str) -> Chu
     images = root["images"][start:stop]
     table = xr.open_zarr(store, group="particles", consolidated=False).isel(particle=slice(start, stop))
     rows = {name: table[name].to_numpy() for name in ROW_FIELDS}
-    return prepare_chunk(images, rows, make_band(box, xp), int(root.attrs["original_box"]), xp)
+    return prepare_chunk(images, rows, _band(box, backend), int(root.attrs["original_box"]), xp)
 
 
+@functools.lru_cache(maxsize=4)
 def _band(box: int, backend: str) -> Band:
+    """The band, built once per worker process (every task of every iteration reuses it)."""
     return make_band(box, array_module(backend))
 
 
