@@ -5,7 +5,7 @@ import numpy as np
 from dva.em.chunk import make_band
 from dva.ops.filters import to_fourier
 from dva.ops.rotation import random_rotations
-from dva.ops.slice import gather, insert, slice_coordinates, symmetrize, trilinear_stencil
+from dva.ops.slice import gather, gridding_correction, insert, slice_coordinates, symmetrize, trilinear_stencil
 from tests.conftest import to_host
 from tests.test_mrc import _corr, real_space_projection
 
@@ -73,8 +73,19 @@ def test_fourier_slice_matches_real_space_projection():
         plane[inside] = img
         ours = np.fft.fftshift(np.fft.ifft2(plane).real)
         assert _corr(ours, ref) > 0.995
-        # Trilinear interpolation without oversampling blurs by sinc² in real space: a few % here.
+        # Trilinear interpolation without oversampling weighs the volume by sinc² in real space:
+        # the projection comes out 7% weak (measured slope 0.93, relative error 0.10).
         assert np.abs(ours - ref).max() < 0.08 * np.abs(ref).max()
+        assert 0.9 < (ours * ref).sum() / (ref * ref).sum() < 0.95
+    # Dividing by the gridding correction first restores the amplitude (measured slope 1.02–1.03,
+    # relative error 0.066–0.077; what remains is the aliasing of the tent kernel).
+    corrected = gather(to_fourier(vol / gridding_correction(box)).reshape(-1, 1), index, weights)
+    for img, ref in zip(corrected[:, 0].reshape(len(rot), -1), reference, strict=True):
+        plane = np.zeros((box, box), complex)
+        plane[inside] = img
+        ours = np.fft.fftshift(np.fft.ifft2(plane).real)
+        assert abs((ours * ref).sum() / (ref * ref).sum() - 1) < 0.04
+        assert np.linalg.norm(ours - ref) < 0.085 * np.linalg.norm(ref)
     transposed = gather(spectrum, *trilinear_stencil(slice_coordinates(rot.transpose(0, 2, 1), kx, ky, box), box))
     plane = np.zeros((box, box), complex)
     plane[inside] = transposed[: inside.sum(), 0]

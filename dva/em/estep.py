@@ -1,7 +1,8 @@
 """One pass of an EM iteration over a chunk: E-step per particle and M-step statistics (DESIGN.md §2).
 
 With slices `s_ik = c_i · S_i V_k` (k = 0..K) and noise weights W = 1/σ²:
-`G_i = Re(S_iᴴ W S_i)`, `b_i = Re(S_iᴴ W (y_i − α_i s_i0))`, `z_i = (G_i + ε·tr(G_i)/K·I)⁻¹ b_i / α_i`;
+`G_i = Re(S_iᴴ W S_i)`, `b_i = Re(S_iᴴ W (y_i − α_i s_i0))`, `z_i = (G_i + ε·tr(G_i)/K·I)⁻¹ b_i / α_i`,
+where the optimal α_i is the least-squares scale of s_i0 fitted together with the components;
 then per sample the M-step channels `α² c² W z_a z_b` (a ≤ b) and `α c W r z_a` are inserted.
 """
 
@@ -42,6 +43,7 @@ def em_statistics(chunk: Chunk, model: Model, band: Band, *, statistics: bool = 
         "baseline": 0.0,
         "zcov": xp.zeros((k, k)),
         "zsum": xp.zeros(k),
+        "alpha_moments": xp.zeros(3),
         "power": xp.zeros(band.shells),
         "count": band.shell_counts(len(chunk.y), xp),
     }
@@ -54,19 +56,33 @@ def em_statistics(chunk: Chunk, model: Model, band: Band, *, statistics: bool = 
         index, weights = trilinear_stencil(slice_coordinates(chunk.rotation[sl], band.kx, band.ky, box, xp), box, xp)
         s = gather(model.volumes, index, weights).reshape(n, -1, k + 1) * c[..., None]
         s0, comps = s[..., 0], s[..., 1:]
+        ws = s * weight[None, :, None]
+        gram = xp.einsum("npk,npl->nkl", xp.conj(s), ws).real.astype(xp.float64)  # (n, K+1, K+1)
+        proj = xp.einsum("npk,np->nk", xp.conj(ws), y).real.astype(xp.float64)  # (n, K+1)
+        g = gram[:, 1:, 1:]
+        ridge = (model.eps * xp.trace(g, axis1=1, axis2=2) / k + 1e-30)[:, None, None] * xp.eye(k)
         if model.scale == "optimal":
-            alpha = (xp.conj(s0) * y * weight).real.sum(-1) / ((xp.abs(s0) ** 2) * weight).sum(-1)
+            # α and u = α·z fitted together (y ≈ α s_0 + Σ u_k s_k is linear in both), so the
+            # scale does not soak up variability that projects onto the mean; then shrunk towards
+            # the population by its noise (empirical Bayes, `Model.scale_prior`).
+            joint = gram.copy()
+            joint[:, 1:, 1:] += ridge
+            joint_inverse = xp.linalg.inv(joint)
+            alpha_ls = xp.einsum("nl,nl->n", joint_inverse[:, 0], proj)
+            alpha_var = joint_inverse[:, 0, 0]
+            out["alpha_moments"] += xp.stack([alpha_ls.sum(), (alpha_ls**2).sum(), alpha_var.sum()])
+            alpha = alpha_ls
+            if model.scale_prior is not None:
+                centre, spread = model.scale_prior
+                alpha = centre + (alpha_ls - centre) * (spread / (spread + alpha_var))
             alpha = xp.clip(alpha, *ALPHA_RANGE)
         elif model.scale == "input":
             alpha = chunk.scale[sl]
         else:
             alpha = xp.ones(n)
         r = y - alpha[:, None] * s0
-        wc = comps * weight[None, :, None]
-        g = xp.einsum("npk,npl->nkl", xp.conj(comps), wc).real.astype(xp.float64)
-        bvec = xp.einsum("npk,np->nk", xp.conj(wc), r).real.astype(xp.float64)
-        ridge = model.eps * xp.trace(g, axis1=1, axis2=2) / k + 1e-30
-        inverse = xp.linalg.inv(g + ridge[:, None, None] * xp.eye(k))
+        bvec = proj[:, 1:] - alpha[:, None] * gram[:, 1:, 0]  # Re(S_iᴴ W r_i)
+        inverse = xp.linalg.inv(g + ridge)
         z = xp.einsum("nkl,nl->nk", inverse, bvec) / alpha[:, None]
         out["zcov"] += (inverse / (alpha**2)[:, None, None]).sum(0)
         out["zsum"] += z.sum(0)

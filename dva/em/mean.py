@@ -13,30 +13,41 @@ import numpy as np
 from dva.em.chunk import Band, Chunk, inside_band_3d
 from dva.em.estep import BATCH
 from dva.ops.filters import radius_3d, to_real
-from dva.ops.slice import insert, slice_coordinates, symmetrize, trilinear_stencil
+from dva.ops.slice import gridding_correction, insert, slice_coordinates, symmetrize, trilinear_stencil
 
 MEAN_TAU = 1e-3  # τ as a fraction of the shell's mean denominator
 
 
-def mean_statistics(chunk: Chunk, band: Band, scale: str, xp: ModuleType = np) -> dict:
-    """Partial sums of one chunk: numerator `(2, D³)` (re, im), denominator `(1, D³)`, power per shell."""
+def mean_statistics(chunk: Chunk, band: Band, scale: str, xp: ModuleType = np, weights=None) -> dict:
+    """Partial sums of one chunk: numerator `(G, 2, D³)` (re, im), denominator `(G, D³)`, power per shell.
+
+    `weights (n, G)` reconstructs G particle subsets at once (group g sums `w_ig ·` each particle's
+    terms); None is one group with weight 1, the mean.
+    """
     box = band.box
+    groups = 1 if weights is None else weights.shape[1]
     half = band.multiplicity / 2  # each sample stands for itself and its mate (see `symmetrize`)
-    sums = xp.zeros((3, box**3))
+    sums = xp.zeros((3 * groups, box**3))
     for lo in range(0, len(chunk.y), BATCH):
         sl = slice(lo, lo + BATCH)
         alpha = chunk.scale[sl] if scale == "input" else xp.ones(len(chunk.scale[sl]))
-        index, weights = trilinear_stencil(slice_coordinates(chunk.rotation[sl], band.kx, band.ky, box, xp), box, xp)
+        w = xp.ones((len(alpha), 1)) if weights is None else xp.asarray(weights[sl])
+        index, weights_3d = trilinear_stencil(slice_coordinates(chunk.rotation[sl], band.kx, band.ky, box, xp), box, xp)
         num = (alpha[:, None] * chunk.ctf[sl] * half) * chunk.y[sl]
         den = (alpha[:, None] * chunk.ctf[sl]) ** 2 * half
-        insert(xp.stack([num.real.ravel(), num.imag.ravel(), den.ravel()], -1), index, weights, sums, xp)
+        values = []
+        for g in range(groups):
+            wg = w[:, g, None]
+            values += [(wg * num.real).ravel(), (wg * num.imag).ravel(), (wg * den).ravel()]
+        insert(xp.stack(values, -1), index, weights_3d, sums, xp)
     power = xp.bincount(
         xp.broadcast_to(band.shell, chunk.y.shape).ravel(),
         weights=(xp.abs(chunk.y) ** 2 * band.multiplicity).ravel().astype(xp.float64),
         minlength=band.shells,
     )
     count = band.shell_counts(len(chunk.y), xp)
-    return {"num": sums[:2], "den": sums[2:], "power": power, "count": count}
+    sums = sums.reshape(groups, 3, box**3)
+    return {"num": sums[:, :2], "den": sums[:, 2], "power": power, "count": count}
 
 
 def shell_index_3d(box: int, xp: ModuleType = np):
@@ -52,14 +63,15 @@ def shell_mean(values, box: int, xp: ModuleType = np):
     return (total / count)[shell]
 
 
-def solve_mean(stats: dict, box: int, xp: ModuleType = np) -> np.ndarray:
-    """The mean volume `(D, D, D)` float32 (real space, map units) from the summed statistics."""
-    num = symmetrize(stats["num"][0], box, 1.0, xp) + 1j * symmetrize(stats["num"][1], box, -1.0, xp)
-    den = symmetrize(stats["den"][0], box, 1.0, xp)
+def solve_mean(num, den, box: int, xp: ModuleType = np) -> np.ndarray:
+    """A volume `(D, D, D)` float32 (real space, map units, gridding-corrected) from one group's summed
+    numerator `(2, D³)` and denominator `(D³,)`."""
+    num = symmetrize(num[0], box, 1.0, xp) + 1j * symmetrize(num[1], box, -1.0, xp)
+    den = symmetrize(den, box, 1.0, xp)
     tau = MEAN_TAU * shell_mean(den, box, xp) + 1e-30
     inside = inside_band_3d(box, xp)
     spectrum = xp.where(inside, num / (den + tau), 0).reshape(box, box, box)
-    return to_real(spectrum, xp).astype(xp.float32)
+    return (to_real(spectrum, xp) / gridding_correction(box, xp)).astype(xp.float32)
 
 
 def noise_from_power(stats: dict, white: bool, xp: ModuleType = np):

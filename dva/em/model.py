@@ -8,6 +8,7 @@ from types import ModuleType
 import numpy as np
 
 from dva.ops.filters import to_fourier
+from dva.ops.slice import gridding_correction
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,8 @@ class Model:
     `volumes`: `(D³, K+1)` complex64, the centred Fourier layout of V_0 … V_K flattened;
     `noise_inverse`: `(shells,)` 1/σ² per shell; `eps`: E-step regulariser; `scale`:
     `optimal`, `input` or `none`; `data_sign`: ±1 applied to the stored images (−1 when the
-    run found them black on white).
+    run found them black on white); `scale_prior`: mean and variance of the true optimal scales
+    across particles (None: no shrinkage), see `scale_prior`.
     """
 
     volumes: np.ndarray
@@ -25,6 +27,7 @@ class Model:
     eps: float
     scale: str
     data_sign: float = 1.0
+    scale_prior: tuple[float, float] | None = None
 
     @property
     def modes(self) -> int:
@@ -32,6 +35,15 @@ class Model:
 
 
 def fourier_stack(mean: np.ndarray, components: np.ndarray, xp: ModuleType = np) -> np.ndarray:
-    """`(D³, K+1)` complex64 from a real mean `(D, D, D)` and components `(K, D, D, D)`."""
+    """`(D³, K+1)` complex64 from a real mean `(D, D, D)` and components `(K, D, D, D)`, divided by the
+    gridding correction first so that trilinear slices of them match the volumes' projections."""
+    correction = gridding_correction(mean.shape[0], xp)
     vols = [mean, *components]
-    return xp.stack([to_fourier(xp.asarray(v), xp).ravel() for v in vols], -1).astype(xp.complex64)
+    return xp.stack([to_fourier(xp.asarray(v) / correction, xp).ravel() for v in vols], -1).astype(xp.complex64)
+
+
+def scale_prior(moments, n: int) -> tuple[float, float]:
+    """Mean and spread (variance) of the per-particle scales, from `(Σα̂, Σα̂², Σ var α̂)` of `n`
+    least-squares estimates: the spread is their variance less their mean noise variance."""
+    mean = float(moments[0]) / n
+    return mean, max(float(moments[1]) / n - mean**2 - float(moments[2]) / n, 0.0)

@@ -10,11 +10,12 @@ from dva.em.chunk import inside_band_3d
 from dva.em.estep import pair_index
 from dva.em.mean import shell_mean
 from dva.ops.filters import butterworth_highpass, butterworth_lowpass, radius_3d, to_fourier, to_real
-from dva.ops.slice import symmetrize
+from dva.ops.slice import gridding_correction, symmetrize
 
 
 def solve_components(stats: dict, box: int, modes: int, lam: float, xp: ModuleType = np) -> np.ndarray:
-    """Components `(K, D, D, D)` (real space) from summed statistics: `v(ω) = (G(ω) + λ·s·I)⁻¹ b(ω)`.
+    """Components `(K, D, D, D)` (real space) from summed statistics: `v(ω) = (G(ω) + λ·s·I)⁻¹ b(ω)`,
+    then the gridding correction.
 
     `s` is the mean of tr(G)/K over the voxel's shell, so λ is relative to the data's weight there.
     """
@@ -33,21 +34,25 @@ def solve_components(stats: dict, box: int, modes: int, lam: float, xp: ModuleTy
     sol = xp.linalg.solve(lhs, rhs[inside])  # (m, K, 2)
     spectrum = xp.zeros((k, box**3), dtype=xp.complex128)
     spectrum[:, inside] = (sol[..., 0] + 1j * sol[..., 1]).T
-    return xp.stack([to_real(s.reshape(box, box, box), xp) for s in spectrum])
+    correction = gridding_correction(box, xp)
+    return xp.stack([to_real(s.reshape(box, box, box), xp) / correction for s in spectrum])
 
 
 def band_filter(
     box: int,
     pixel_size_A: float,
-    filter_res_A: float,
+    filter_res_A: float | None,
     order: float,
     highpass_res_A: float | None,
     highpass_order: float,
     xp: ModuleType = np,
 ):
-    """Butterworth low-pass at `filter_res_A` (and high-pass at `highpass_res_A`), `(D, D, D)` centred."""
+    """Butterworth low-pass at `filter_res_A` and high-pass at `highpass_res_A` (each off when None),
+    `(D, D, D)` centred."""
     k = radius_3d(box, xp) / pixel_size_A  # Å⁻¹
-    filt = butterworth_lowpass(k, 1.0 / filter_res_A, order)
+    filt = xp.ones_like(k)
+    if filter_res_A:
+        filt = butterworth_lowpass(k, 1.0 / filter_res_A, order)
     if highpass_res_A:
         filt = filt * butterworth_highpass(k, 1.0 / highpass_res_A, highpass_order)
     return filt

@@ -18,7 +18,7 @@ import numpy as np
 
 from dva.em.finish import principal_axes, subspace_angle_deg
 from dva.em.mean import noise_from_power, solve_mean
-from dva.em.model import Model, fourier_stack
+from dva.em.model import Model, fourier_stack, scale_prior
 from dva.em.mstep import band_filter, random_components, regularize, solve_components
 from dva.engine.cluster import Cluster
 from dva.engine.reduce import tree_sum
@@ -141,7 +141,7 @@ def run_3dva(
     mean_parts = [client.submit(mean_partial, c, box, params.scale, backend, pure=False) for c in chunks]
     mean_stats = tree_sum(client, mean_parts).result()
     owners = {f.key: next(iter(w)) for f, w in zip(chunks, client.who_has(chunks).values(), strict=True) if w}
-    mean = solve_mean(mean_stats, box)
+    mean = solve_mean(mean_stats["num"][0], mean_stats["den"][0], box)
     # Data sign (DESIGN.md §1): protein density is positive; a low-passed mean that is negative
     # inside the mask means the stored images are black on white, so they are used negated.
     data_sign = 1.0 if float((to_real(to_fourier(mean) * filt) * mask).sum()) >= 0 else -1.0
@@ -151,8 +151,10 @@ def run_3dva(
     timings = {"mean_s": time.perf_counter() - t0}
     metrics: list[dict] = []
 
+    prior = None  # the spread of the optimal scales, known after the first iteration
+
     def model_future(components: np.ndarray):
-        model = Model(fourier_stack(mean, components), noise_inverse, EPS, params.scale, data_sign)
+        model = Model(fourier_stack(mean, components), noise_inverse, EPS, params.scale, data_sign, prior)
         return client.scatter(model, broadcast=True, hash=False)
 
     for it in range(params.iterations):
@@ -180,6 +182,9 @@ def run_3dva(
             }
         )
         noise_inverse = noise_from_power(stats, params.noise == "white")
+        if params.scale == "optimal":
+            prior = scale_prior(stats["alpha_moments"], n)
+            metrics[-1].update(scale_mean=prior[0], scale_std=prior[1] ** 0.5)
         comps = new
         if progress is not None:
             progress(metrics[-1])

@@ -47,8 +47,9 @@ def _host(d: dict) -> dict:
     return {k: (v.get() if hasattr(v, "get") and not isinstance(v, float) else v) for k, v in d.items()}
 
 
-def mean_partial(chunk: Chunk, box: int, scale: str, backend: str) -> dict:
-    return _host(mean_statistics(chunk, _band(box, backend), scale, array_module(backend)))
+def mean_partial(chunk: Chunk, box: int, scale: str, backend: str, weights: np.ndarray | None = None) -> dict:
+    """Reconstruction sums of one chunk: the mean, or with `weights (n, G)` G particle subsets."""
+    return _host(mean_statistics(chunk, _band(box, backend), scale, array_module(backend), weights))
 
 
 def _on_device(model: Model, backend: str) -> Model:
@@ -59,6 +60,7 @@ def _on_device(model: Model, backend: str) -> Model:
         eps=model.eps,
         scale=model.scale,
         data_sign=model.data_sign,
+        scale_prior=model.scale_prior,
     )
 
 
