@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -208,7 +209,13 @@ def run(
                     "(black on white); check --data-sign at import",
                     file=sys.stderr,
                 )
-            job = {"input": str(input.absolute()), "mask": str(mask.absolute()), "backend": cluster.backend}
+            job = {
+                "input": str(input.absolute()),
+                "mask": str(mask.absolute()),
+                "datadir": str(datadir.absolute()) if datadir else None,
+                "passthrough": str(passthrough.absolute()) if passthrough else None,
+                "backend": cluster.backend,
+            }
             write_results(out, prefix, result, table, job)
         print(
             f"explained by {modes} components: {result.metrics[-1]['explained']:.3%} of the residual power"
@@ -305,6 +312,208 @@ def bench(
         f"median {found['median_iteration_s']:.2f} s per iteration = {found['particles_per_s']:,.0f} particles/s; "
         f"peak memory per worker {', '.join(f'{m:.0f}' for m in found['peak_worker_rss_mb'])} MB"
     )
+
+
+def _component_list(text: str | None, modes: int) -> list[int]:
+    """`--components 0,2,3` as 0-based indices of the run's components (all when None)."""
+    if text is None:
+        return list(range(modes))
+    try:
+        picked = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise DvaInputError(f"--components {text}: give 0-based numbers separated by commas") from None
+    bad = [k for k in picked if not 0 <= k < modes]
+    if bad or not picked or len(set(picked)) != len(picked):
+        raise DvaInputError(f"--components {text}: each of 0…{modes - 1} at most once")
+    return picked
+
+
+@app.command()
+def display(
+    results: Annotated[Path, typer.Argument(help="Output folder of dva run.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the display outputs.")],
+    mode: Annotated[str, typer.Option(help="simple, intermediates or cluster.")] = "simple",
+    frames: Annotated[int, typer.Option(help="Frames per component, or clusters.")] = 20,
+    range_percentile: Annotated[float, typer.Option(help="Coordinate range: p-th to (100−p)-th percentile.")] = 3.0,
+    components: Annotated[str | None, typer.Option(help="0-based components, e.g. 0,2 (default all).")] = None,
+    window: Annotated[
+        int, typer.Option(help="intermediates: >0 triangular over N frames, 0 bins, −1 equal counts.")
+    ] = 1,
+    skip_reconstruction: Annotated[bool, typer.Option(help="Only assign particles to frames/clusters.")] = False,
+    export_frame_particles: Annotated[bool, typer.Option(help="intermediates: write each frame's particles.")] = False,
+    subset_component: Annotated[
+        int | None, typer.Option(help="intermediates: component whose frames are exported.")
+    ] = None,
+    cluster_method: Annotated[str, typer.Option(help="cluster: gmm (full covariance) or kmeans.")] = "gmm",
+    seed: Annotated[int, typer.Option(help="Random seed of the clustering.")] = 0,
+    downsample: Annotated[int | None, typer.Option(help="Fourier-crop the output volumes to this box.")] = None,
+    crop: Annotated[int | None, typer.Option(help="Then keep the central BOX³ voxels.")] = None,
+    filter_res: Annotated[float | None, typer.Option(help="Low-pass the output volumes (Å).")] = None,
+    filter_order: Annotated[float, typer.Option(help="Butterworth order of the low-pass.")] = 1.5,
+    highpass_res: Annotated[float | None, typer.Option(help="High-pass the output volumes (Å).")] = None,
+    highpass_order: Annotated[float, typer.Option(help="Butterworth order of the high-pass.")] = 8.0,
+    flip_hand: Annotated[bool, typer.Option(help="Mirror the output volumes (z → −z).")] = False,
+    max_particles: Annotated[int | None, typer.Option(help="Use only the first N particles.")] = None,
+    datadir: Annotated[Path | None, typer.Option(help="Folder the image paths are relative to.")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="Address of a running dask scheduler.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Workers of the embedded CPU cluster.")] = None,
+    gpus: Annotated[str | None, typer.Option(help="GPUs to use (e.g. 0,1), or none for CPU.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """3D Variability Display: volume series, subset reconstructions and particle subsets."""
+    from dva.display import job as display_job
+    from dva.display.subsets import cluster_labels, equal_count_positions, frame_positions, frame_weights, one_hot
+    from dva.display.volumes import VolumeOptions, check_options, output_pixel_size, prepare_volume
+    from dva.io.results import read_results
+
+    with _user_errors():
+        if mode not in ("simple", "intermediates", "cluster"):
+            raise DvaInputError(f"--mode {mode}: use simple, intermediates or cluster")
+        if frames < 2:
+            raise DvaInputError(f"--frames {frames}: need at least 2")
+        if not 0 <= range_percentile < 50:
+            raise DvaInputError(f"--range-percentile {range_percentile}: must be in [0, 50)")
+        if window < -1:
+            raise DvaInputError(f"--window {window}: use a number of frames > 0, 0 (bins) or −1 (equal counts)")
+        if cluster_method not in ("gmm", "kmeans"):
+            raise DvaInputError(f"--cluster-method {cluster_method}: use gmm or kmeans")
+        run = read_results(results)
+        picked = _component_list(components, run.z.shape[1])
+        if subset_component is not None and subset_component not in picked:
+            raise DvaInputError(f"--subset-component {subset_component}: not among the displayed components {picked}")
+        n = min(len(run.z), max_particles or len(run.z))
+        if max_particles is not None and max_particles < 1:
+            raise DvaInputError(f"--max-particles {max_particles}: need at least 1")
+        options = VolumeOptions(filter_res, filter_order, highpass_res, highpass_order, downsample, crop, flip_hand)
+        box = run.mean.shape[-1]
+        try:
+            check_options(options, box, run.pixel_size_A)
+        except ValueError as e:
+            raise DvaInputError(str(e)) from None
+        pixel = output_pixel_size(options, box, run.pixel_size_A)
+        level = display_job.contour_level(prepare_volume(run.mean, run.pixel_size_A, options))
+        z = run.z[:n]
+        if mode == "simple":
+            series = {
+                k: display_job.linear_series(run, k, frame_positions(z[:, k], frames, range_percentile), options)
+                for k in picked
+            }
+            with progress_bar("writing frames", frames * len(picked), quiet=quiet) as advance:
+                display_job.write_series(out, run.prefix, series, pixel, level, advance)
+            print(
+                f"wrote {frames} frames per component ({', '.join(map(str, picked))}) in {out}/; in ChimeraX: open {out / (run.prefix + '_series.cxc')}"
+            )
+            return
+        if mode == "intermediates":
+            groups = {}
+            for k in picked:
+                positions = (
+                    equal_count_positions(z[:, k], frames)
+                    if window == -1
+                    else frame_positions(z[:, k], frames, range_percentile)
+                )
+                groups[k] = frame_weights(z[:, k], positions, window)
+        else:
+            labels = cluster_labels(z[:, picked], frames, cluster_method, seed)
+            groups = {"clusters": one_hot(labels, frames)}
+        _display_subsets(
+            run,
+            out,
+            mode,
+            groups,
+            n,
+            options,
+            pixel,
+            level,
+            skip_reconstruction,
+            export_frame_particles,
+            picked[0] if subset_component is None else subset_component,
+            datadir,
+            scheduler,
+            workers,
+            gpus,
+            quiet,
+        )
+
+
+def _display_subsets(
+    run, out, mode, groups, n, options, pixel, level, skip, export, subset_k, datadir, scheduler, workers, gpus, quiet
+):
+    """Reconstruct and/or export the particle subsets of intermediates or cluster mode."""
+    from dva.display import job as display_job
+    from dva.display.chimerax import volumes_script
+    from dva.display.volumes import prepare_volume
+    from dva.engine.cluster import connect
+    from dva.engine.reconstruct import reconstruct_subsets
+    from dva.io.atomic import atomic_path
+    from dva.io.mrc import write_volume
+
+    source = Path(run.job.get("input", ""))
+    if not source.exists():
+        raise DvaInputError(
+            f"{run.folder / 'job.json'}: field 'input' names {source}, which is missing (its particles are needed)"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    params = run.job.get("parameters", {})
+    with _store_for(
+        source,
+        out,
+        datadir or _path_or_none(run.job.get("datadir")),
+        _path_or_none(run.job.get("passthrough")),
+        n,
+        quiet,
+    ) as store:
+        _, table, _ = open_store_table(store, n)
+        written = []
+        if export or mode == "cluster":
+            for name, weights in groups.items():
+                if mode == "intermediates" and name != subset_k:
+                    continue
+                for g in range(weights.shape[1]):
+                    chosen = np.flatnonzero(weights[:, g] > 0)
+                    stem = out / (
+                        f"{run.prefix}_cluster_{g:03d}_particles"
+                        if mode == "cluster"
+                        else f"component_{name}/frame_{g:03d}_particles"
+                    )
+                    stem.parent.mkdir(parents=True, exist_ok=True)
+                    written += display_job.write_subset(stem, table, run.z[:n], chosen)
+        if not skip:
+            cluster = connect(scheduler, workers=workers, gpus=gpus)
+            try:
+                if not quiet:
+                    print(f"dask dashboard: {cluster.client.dashboard_link}", file=sys.stderr)
+                volumes = {}
+                with progress_bar("reconstructing", len(groups), quiet=quiet) as advance:
+                    for name, weights in groups.items():
+                        raw = reconstruct_subsets(
+                            store,
+                            weights,
+                            run.job["box"],
+                            params.get("scale", "none"),
+                            run.job.get("data_sign_applied", 1.0),
+                            cluster,
+                        )
+                        volumes[name] = np.stack([prepare_volume(v, run.pixel_size_A, options) for v in raw])
+                        advance(1)
+            finally:
+                cluster.close()
+            if mode == "intermediates":
+                written += [out / f for f in display_job.write_series(out, run.prefix, volumes, pixel, level)]
+            else:
+                names = []
+                for g, vol in enumerate(volumes["clusters"]):
+                    names.append(f"{run.prefix}_cluster_{g:03d}.mrc")
+                    write_volume(out / names[-1], vol, pixel)
+                with atomic_path(out / f"{run.prefix}_clusters.cxc") as tmp:
+                    tmp.write_text(volumes_script(names, level))
+                written += [out / name for name in names]
+    sizes = ", ".join(str(int((w > 0).sum())) for weights in groups.values() for w in weights.T)
+    print(f"{mode}: particles per subset {sizes}; wrote {len(written)} files in {out}/")
+
+
+def _path_or_none(value) -> Path | None:
+    return Path(value) if value else None
 
 
 @app.command()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import platform
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
@@ -17,9 +18,10 @@ import numpy as np
 import xarray as xr
 
 from dva import __version__
+from dva.errors import DvaInputError
 from dva.io.atomic import atomic_path
 from dva.io.cs import write_cs
-from dva.io.mrc import write_volume
+from dva.io.mrc import read_volume, write_volume
 from dva.io.star import write_star
 
 VERSIONED = ("numpy", "dask", "distributed", "zarr", "xarray", "mrcfile", "starfile")
@@ -80,3 +82,57 @@ def write_results(out_dir: Path, prefix: str, result, table: xr.Dataset, job: di
     with atomic_path(written[-1]) as tmp:
         tmp.write_text(json.dumps(document, indent=2))
     return written
+
+
+@dataclass(frozen=True)
+class RunOutputs:
+    """A finished run read back from its folder (what the display job starts from)."""
+
+    folder: Path
+    prefix: str
+    mean: np.ndarray  # (D, D, D)
+    components: np.ndarray  # (K, D, D, D)
+    z: np.ndarray  # (N, K)
+    uid: np.ndarray  # (N,)
+    pixel_size_A: float
+    job: dict
+
+
+def read_results(run_dir: str | Path) -> RunOutputs:
+    """Read the outputs of `dva run` in `run_dir`; DvaInputError names a missing or foreign piece."""
+    run_dir = Path(run_dir)
+    job_path = run_dir / "job.json"
+    if not job_path.is_file():
+        raise DvaInputError(f"{run_dir}: no job.json (not the output folder of dva run)")
+    try:
+        job = json.loads(job_path.read_text())
+    except json.JSONDecodeError as e:
+        raise DvaInputError(f"{job_path}: not valid JSON ({e.msg})") from None
+    if job.get("type") != "var_3D":
+        raise DvaInputError(f"{job_path}: field 'type' is {job.get('type')!r}, not 'var_3D'")
+    maps = [name for name in job.get("outputs", []) if name.endswith("_map.mrc")]
+    if not maps:
+        raise DvaInputError(f"{job_path}: field 'outputs' names no <prefix>_map.mrc")
+    prefix = maps[0][: -len("_map.mrc")]
+    for name in [maps[0], f"{prefix}_coordinates.zarr"]:
+        if not (run_dir / name).exists():
+            raise DvaInputError(f"{run_dir / name}: missing (job.json lists it)")
+    mean, pixel = read_volume(run_dir / maps[0])
+    coords = xr.open_zarr(run_dir / f"{prefix}_coordinates.zarr", consolidated=False)
+    z = coords["z"].to_numpy()
+    components = []
+    for k in range(z.shape[1]):
+        path = run_dir / f"{prefix}_component_{k}.mrc"
+        if not path.is_file():
+            raise DvaInputError(f"{path}: missing (the coordinates have {z.shape[1]} modes)")
+        components.append(read_volume(path)[0])
+    return RunOutputs(
+        folder=run_dir,
+        prefix=prefix,
+        mean=mean,
+        components=np.stack(components),
+        z=z,
+        uid=coords["uid"].to_numpy(),
+        pixel_size_A=float(job.get("pixel_size_A", pixel)),
+        job=job,
+    )

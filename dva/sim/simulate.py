@@ -21,7 +21,14 @@ from dva.io.star import write_star
 from dva.io.table import make_table, uids_from_rows
 from dva.ops.ctf import ctf_2d, frequency_grid_2d
 from dva.ops.rotation import random_rotations
-from dva.sim.phantom import blob_state, make_phantom, project_blobs, soft_mask, true_mean_and_components
+from dva.sim.phantom import (
+    blob_state,
+    make_phantom,
+    project_blobs,
+    render_volume,
+    soft_mask,
+    true_mean_and_components,
+)
 
 
 @dataclass(frozen=True)
@@ -115,7 +122,8 @@ def simulate_dataset(
 
     `truth/truth.npz` holds per-particle `latent` and `present`, the true `mean` volume and
     `components` (top eigenvectors of the volume distribution, unit norm) with their
-    `variance_fraction`; `truth/mean.mrc` and `truth/component_<k>.mrc` are the same volumes.
+    `variance_fraction`, and the optional `subunit` alone (so the mean given the state is
+    `mean + (1 − p)·subunit` with it and `mean − p·subunit` without, p = 0.5); `truth/mean.mrc` and `truth/component_<k>.mrc` are the same volumes.
     """
     p = PRESETS[preset]
     if box is not None:  # the same molecule and physical box, sampled on `box` pixels
@@ -173,6 +181,8 @@ def simulate_dataset(
     write_volume(out / "mask.mrc", soft_mask(phantom, P_PRESENT), p.pixel_size_A)
 
     mean, components, variances, fraction = true_mean_and_components(phantom, P_PRESENT, TRUTH_COMPONENTS)
+    opt = phantom.optional
+    subunit = render_volume(phantom.centres_A[opt], phantom.sigma_A[opt], phantom.amplitude[opt], p.box, p.pixel_size_A)
     truth = out / "truth"
     truth.mkdir(exist_ok=True)
     with atomic_path(truth / "truth.npz") as tmp, open(tmp, "wb") as f:
@@ -184,6 +194,7 @@ def simulate_dataset(
             components=components,
             variances=variances,
             variance_fraction=fraction,
+            subunit=subunit,
             pixel_size_A=p.pixel_size_A,
             snr=snr,
             noise_sigma=sigma,

@@ -1,0 +1,1 @@
+"""The display job: what users look at and use after a run (CryoSPARC's "3D Variability Display")."""

@@ -1,0 +1,86 @@
+"""`dva display`: volume series, subset reconstructions and particle subsets (DESIGN.md §4).
+
+Outputs in DIR, named by the run's component numbers (`--components 2` writes `component_2`):
+- simple and intermediates: `component_<k>/frame_<fff>.mrc`, `<prefix>_component_<kkk>.zip` (the
+  same frames) and `<prefix>_series.cxc` (ChimeraX: `open` it);
+- intermediates with exported particles: `component_<k>/frame_<fff>_particles.star` and `.cs`;
+- cluster: `<prefix>_cluster_<iii>.mrc`, `<prefix>_cluster_<iii>_particles.star` and `.cs`, and
+  `<prefix>_clusters.cxc`.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from dva.display.chimerax import series_script
+from dva.display.volumes import VolumeOptions, prepare_volume
+from dva.io.atomic import atomic_path
+from dva.io.cs import write_cs
+from dva.io.mrc import write_volume
+from dva.io.results import RunOutputs, star_column
+from dva.io.star import write_star
+
+LEVEL_PERCENTILE = 99.0  # the contour is half the (prepared) mean map's value at this percentile
+
+
+def contour_level(mean: np.ndarray) -> float:
+    """A ChimeraX contour level for maps like `mean`."""
+    return 0.5 * float(np.percentile(mean, LEVEL_PERCENTILE))
+
+
+def write_series(
+    out: Path,
+    prefix: str,
+    series: dict[int, np.ndarray],
+    pixel_size_A: float,
+    level: float,
+    progress: Callable[[int], None] | None = None,
+) -> list[str]:
+    """Write each component's frames `(F, D, D, D)`, its zip and one ChimeraX script; returns the
+    frame paths relative to `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    every, per_component = [], []
+    for k, volumes in series.items():
+        (out / f"component_{k}").mkdir(exist_ok=True)
+        names = []
+        for f, vol in enumerate(volumes):
+            names.append(f"component_{k}/frame_{f:03d}.mrc")
+            write_volume(out / names[-1], vol, pixel_size_A)
+            if progress is not None:
+                progress(1)
+        with atomic_path(out / f"{prefix}_component_{k:03d}.zip") as tmp, zipfile.ZipFile(tmp, "w") as zf:
+            for name in names:
+                zf.write(out / name, arcname=name, compress_type=zipfile.ZIP_DEFLATED)
+        per_component.append(names)
+        every += names
+    with atomic_path(out / f"{prefix}_series.cxc") as tmp:
+        tmp.write_text(series_script(per_component, level))
+    return every
+
+
+def linear_series(run: RunOutputs, k: int, positions: np.ndarray, options: VolumeOptions) -> np.ndarray:
+    """Frames `V_0 + t·V_k` (simple mode) after the volume options (all linear)."""
+    mean = prepare_volume(run.mean, run.pixel_size_A, options)
+    component = prepare_volume(run.components[k], run.pixel_size_A, options)
+    t = np.asarray(positions, dtype=np.float32)[:, None, None, None]
+    return mean[None] + t * component[None]
+
+
+def write_subset(path_stem: Path, table: xr.Dataset, z: np.ndarray, chosen: np.ndarray) -> list[Path]:
+    """Particles `chosen` (indices) as `<stem>.star` and `<stem>.cs`, every input column carried
+    through, plus the coordinates (`dvaComponent<k>`, `components_mode_<k>/value`)."""
+    sub = table.isel(particle=chosen)
+    zs = z[chosen]
+    star, cs = path_stem.with_name(path_stem.name + ".star"), path_stem.with_name(path_stem.name + ".cs")
+    write_star(star, sub, extra_columns={star_column(k): zs[:, k] for k in range(zs.shape[1])})
+    fields = {}
+    for k in range(zs.shape[1]):
+        fields[f"components_mode_{k}/component"] = np.full(len(zs), k, dtype=np.uint32)
+        fields[f"components_mode_{k}/value"] = zs[:, k].astype(np.float32)
+    write_cs(cs, sub, extra_fields=fields)
+    return [star, cs]

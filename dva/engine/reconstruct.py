@@ -1,0 +1,48 @@
+"""Reconstructions of weighted particle subsets as one map-reduce pass (the display job's volumes).
+
+Each subset g is a direct Fourier reconstruction (`dva.em.mean`) in which particle i counts with
+weight `w_ig`: the mean's pass with G groups at once, on the same chunks and workers as a run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from dva.em.mean import solve_mean
+from dva.engine.cluster import Cluster
+from dva.engine.loop import task_ranges
+from dva.engine.reduce import tree_sum
+from dva.engine.tasks import load_chunk, mean_partial
+from dva.io.store import open_store
+
+MAX_GROUPS = 32  # subsets per pass (each task holds 3·G volumes of float64)
+
+
+def reconstruct_subsets(
+    store: str | Path, weights: np.ndarray, box: int, scale: str, data_sign: float, cluster: Cluster
+) -> np.ndarray:
+    """Volumes `(G, D, D, D)` float32 in map units of the subsets `weights (N, G)` of the store's first N
+    particles, Fourier-cropped to `box`; `data_sign` as the run applied it."""
+    store = str(Path(store).absolute())
+    images, _, _ = open_store(store)
+    client, backend = cluster.client, cluster.backend
+    client.wait_for_workers(1)
+    addresses = sorted(client.ncores())
+    ranges = task_ranges(len(weights), images.chunks[0], len(addresses))
+    chunks = [
+        client.submit(load_chunk, store, a, b, box, backend, pure=False, workers=[addresses[i % len(addresses)]])
+        for i, (a, b) in enumerate(ranges)
+    ]
+    volumes = []
+    for lo in range(0, weights.shape[1], MAX_GROUPS):
+        part = np.ascontiguousarray(weights[:, lo : lo + MAX_GROUPS], dtype=np.float64)
+        sums = [
+            client.submit(mean_partial, c, box, scale, backend, part[a:b], pure=False)
+            for c, (a, b) in zip(chunks, ranges, strict=True)
+        ]
+        stats = tree_sum(client, sums).result()
+        volumes += [solve_mean(stats["num"][g], stats["den"][g], box) * data_sign for g in range(part.shape[1])]
+    client.cancel(chunks)
+    return np.stack(volumes).astype(np.float32)
