@@ -10,7 +10,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -364,6 +363,7 @@ def display(
     from dva.display import job as display_job
     from dva.display.subsets import cluster_labels, equal_count_positions, frame_positions, frame_weights, one_hot
     from dva.display.volumes import VolumeOptions, check_options, output_pixel_size, prepare_volume
+    from dva.engine.cluster import connect
     from dva.io.results import read_results
 
     with _user_errors():
@@ -416,104 +416,33 @@ def display(
         else:
             labels = cluster_labels(z[:, picked], frames, cluster_method, seed)
             groups = {"clusters": one_hot(labels, frames)}
-        _display_subsets(
-            run,
-            out,
-            mode,
-            groups,
-            n,
-            options,
-            pixel,
-            level,
-            skip_reconstruction,
-            export_frame_particles,
-            picked[0] if subset_component is None else subset_component,
-            datadir,
-            scheduler,
-            workers,
-            gpus,
-            quiet,
-        )
-
-
-def _display_subsets(
-    run, out, mode, groups, n, options, pixel, level, skip, export, subset_k, datadir, scheduler, workers, gpus, quiet
-):
-    """Reconstruct and/or export the particle subsets of intermediates or cluster mode."""
-    from dva.display import job as display_job
-    from dva.display.chimerax import volumes_script
-    from dva.display.volumes import prepare_volume
-    from dva.engine.cluster import connect
-    from dva.engine.reconstruct import reconstruct_subsets
-    from dva.io.atomic import atomic_path
-    from dva.io.mrc import write_volume
-
-    source = Path(run.job.get("input", ""))
-    if not source.exists():
-        raise DvaInputError(
-            f"{run.folder / 'job.json'}: field 'input' names {source}, which is missing (its particles are needed)"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    params = run.job.get("parameters", {})
-    with _store_for(
-        source,
-        out,
-        datadir or _path_or_none(run.job.get("datadir")),
-        _path_or_none(run.job.get("passthrough")),
-        n,
-        quiet,
-    ) as store:
-        _, table, _ = open_store_table(store, n)
-        written = []
-        if export or mode == "cluster":
-            for name, weights in groups.items():
-                if mode == "intermediates" and name != subset_k:
-                    continue
-                for g in range(weights.shape[1]):
-                    chosen = np.flatnonzero(weights[:, g] > 0)
-                    stem = out / (
-                        f"{run.prefix}_cluster_{g:03d}_particles"
-                        if mode == "cluster"
-                        else f"component_{name}/frame_{g:03d}_particles"
-                    )
-                    stem.parent.mkdir(parents=True, exist_ok=True)
-                    written += display_job.write_subset(stem, table, run.z[:n], chosen)
-        if not skip:
-            cluster = connect(scheduler, workers=workers, gpus=gpus)
+        export = None  # cluster mode always writes its subsets; intermediates when asked
+        if mode == "cluster":
+            export = "clusters"
+        elif export_frame_particles:
+            export = picked[0] if subset_component is None else subset_component
+        subsets = display_job.Subsets(mode, groups, options, pixel, level, export)
+        source = Path(run.job.get("input", ""))
+        if not source.exists():
+            raise DvaInputError(
+                f"{run.folder / 'job.json'}: field 'input' names {source}, which is missing (its particles are needed)"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        datadir = datadir or (Path(run.job["datadir"]) if run.job.get("datadir") else None)
+        passthrough = Path(run.job["passthrough"]) if run.job.get("passthrough") else None
+        with _store_for(source, out, datadir, passthrough, n, quiet) as store:
+            _, table, _ = open_store_table(store, n)
+            cluster = None if skip_reconstruction else connect(scheduler, workers=workers, gpus=gpus)
             try:
-                if not quiet:
+                if cluster is not None and not quiet:
                     print(f"dask dashboard: {cluster.client.dashboard_link}", file=sys.stderr)
-                volumes = {}
-                with progress_bar("reconstructing", len(groups), quiet=quiet) as advance:
-                    for name, weights in groups.items():
-                        raw = reconstruct_subsets(
-                            store,
-                            weights,
-                            run.job["box"],
-                            params.get("scale", "none"),
-                            run.job.get("data_sign_applied", 1.0),
-                            cluster,
-                        )
-                        volumes[name] = np.stack([prepare_volume(v, run.pixel_size_A, options) for v in raw])
-                        advance(1)
+                with progress_bar("reconstructing", len(groups), quiet=quiet or cluster is None) as advance:
+                    written = display_job.write_subsets(run, out, store, table, subsets, cluster, advance)
             finally:
-                cluster.close()
-            if mode == "intermediates":
-                written += [out / f for f in display_job.write_series(out, run.prefix, volumes, pixel, level)]
-            else:
-                names = []
-                for g, vol in enumerate(volumes["clusters"]):
-                    names.append(f"{run.prefix}_cluster_{g:03d}.mrc")
-                    write_volume(out / names[-1], vol, pixel)
-                with atomic_path(out / f"{run.prefix}_clusters.cxc") as tmp:
-                    tmp.write_text(volumes_script(names, level))
-                written += [out / name for name in names]
-    sizes = ", ".join(str(int((w > 0).sum())) for weights in groups.values() for w in weights.T)
-    print(f"{mode}: particles per subset {sizes}; wrote {len(written)} files in {out}/")
-
-
-def _path_or_none(value) -> Path | None:
-    return Path(value) if value else None
+                if cluster is not None:
+                    cluster.close()
+        sizes = ", ".join(str(int((w > 0).sum())) for weights in groups.values() for w in weights.T)
+        print(f"{mode}: particles per subset {sizes}; wrote {len(written)} files in {out}/")
 
 
 @app.command()

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
-from dva.display.chimerax import series_script
+from dva.display.chimerax import series_script, volumes_script
 from dva.display.volumes import VolumeOptions, prepare_volume
+from dva.engine.cluster import Cluster
+from dva.engine.reconstruct import reconstruct_subsets
 from dva.io.atomic import atomic_path
 from dva.io.cs import write_cs
 from dva.io.mrc import write_volume
@@ -84,3 +87,61 @@ def write_subset(path_stem: Path, table: xr.Dataset, z: np.ndarray, chosen: np.n
         fields[f"components_mode_{k}/value"] = zs[:, k].astype(np.float32)
     write_cs(cs, sub, extra_fields=fields)
     return [star, cs]
+
+
+@dataclass(frozen=True)
+class Subsets:
+    """The particle subsets of intermediates or cluster mode and what to do with them."""
+
+    mode: str  # "intermediates" (groups keyed by component) or "cluster" (one group, "clusters")
+    groups: dict  # name -> weights (N, G) of the first N particles
+    options: VolumeOptions
+    pixel_size_A: float  # of the output volumes
+    level: float  # ChimeraX contour
+    export: int | str | None  # the group whose subsets are written as .star/.cs (None: none)
+
+
+def write_subsets(
+    run: RunOutputs,
+    out: Path,
+    store: Path,
+    table: xr.Dataset,
+    subsets: Subsets,
+    cluster: Cluster | None,
+    progress: Callable[[int], None] | None = None,
+) -> list[Path]:
+    """Export the chosen subsets' particles and, when `cluster` is given, reconstruct every subset
+    from the store's particles; returns the paths written."""
+    out.mkdir(parents=True, exist_ok=True)
+    z = run.z[: len(table["uid"])]
+    written: list[Path] = []
+    if subsets.export is not None:
+        weights = subsets.groups[subsets.export]
+        for g in range(weights.shape[1]):
+            if subsets.mode == "cluster":
+                stem = out / f"{run.prefix}_cluster_{g:03d}_particles"
+            else:
+                stem = out / f"component_{subsets.export}" / f"frame_{g:03d}_particles"
+            stem.parent.mkdir(parents=True, exist_ok=True)
+            written += write_subset(stem, table, z, np.flatnonzero(weights[:, g] > 0))
+    if cluster is None:
+        return written
+    params = run.job.get("parameters", {})
+    volumes = {}
+    for name, weights in subsets.groups.items():
+        raw = reconstruct_subsets(
+            store, weights, run.job["box"], params.get("scale", "none"), run.job.get("data_sign_applied", 1.0), cluster
+        )
+        volumes[name] = np.stack([prepare_volume(v, run.pixel_size_A, subsets.options) for v in raw])
+        if progress is not None:
+            progress(1)
+    if subsets.mode == "intermediates":
+        frames = write_series(out, run.prefix, volumes, subsets.pixel_size_A, subsets.level)
+        return written + [out / f for f in frames]
+    names = []
+    for g, vol in enumerate(volumes["clusters"]):
+        names.append(f"{run.prefix}_cluster_{g:03d}.mrc")
+        write_volume(out / names[-1], vol, subsets.pixel_size_A)
+    with atomic_path(out / f"{run.prefix}_clusters.cxc") as tmp:
+        tmp.write_text(volumes_script(names, subsets.level))
+    return written + [out / name for name in names]
