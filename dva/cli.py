@@ -446,6 +446,42 @@ def display(
 
 
 @app.command()
+def mask(
+    volume: Annotated[Path, typer.Argument(help="Map to make the mask from (MRC).")],
+    out: Annotated[Path, typer.Option("--out", help="Mask to write (MRC).")],
+    threshold: Annotated[float, typer.Option(help="Density threshold of the map.")],
+    dilate: Annotated[float, typer.Option(help="Widen the thresholded region by this much (Å).")] = 0.0,
+    soft_edge: Annotated[float, typer.Option(help="Raised-cosine edge width (Å).")] = 0.0,
+    exclude: Annotated[Path | None, typer.Option(help="Map of a region to leave out (e.g. a micelle).")] = None,
+    exclude_threshold: Annotated[float, typer.Option(help="Threshold of the --exclude map.")] = 0.5,
+) -> None:
+    """Make a soft mask: threshold a map, dilate, soft edge; optionally cut out another map's region."""
+    from dva.io.mrc import read_volume, write_volume
+    from dva.ops.masks import soft_mask
+
+    with _user_errors():
+        if dilate < 0 or soft_edge < 0:
+            raise DvaInputError(f"--dilate {dilate} / --soft-edge {soft_edge}: must be ≥ 0 Å")
+        data, pixel = read_volume(volume)
+        if pixel <= 0:
+            raise DvaInputError(f"{volume}: header voxel size is {pixel}: a mask needs it to convert Å to pixels")
+        if not data.max() > threshold:
+            raise DvaInputError(f"{volume}: no voxel above --threshold {threshold} (max {data.max():.4g})")
+        result = soft_mask(data, threshold, dilate_px=dilate / pixel, soft_px=soft_edge / pixel)
+        if exclude is not None:
+            other, other_pixel = read_volume(exclude)
+            if other.shape != data.shape or abs(other_pixel - pixel) > 1e-3 * pixel:
+                raise DvaInputError(
+                    f"{exclude}: box {other.shape[0]} at {other_pixel:.4g} Å/px does not match {volume} "
+                    f"(box {data.shape[0]} at {pixel:.4g} Å/px)"
+                )
+            cut = soft_mask(other, exclude_threshold, soft_px=soft_edge / pixel)
+            result = result * (1.0 - cut)
+        write_volume(out, result, pixel)
+        print(f"wrote {out}: {float((result > 0.5).mean()):.2%} of the box inside (value > 0.5), {pixel:.4g} Å/px")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for the demo's files.")] = Path("dva-demo"),
     preset: Annotated[str, typer.Option(help="Simulation preset.")] = "small",

@@ -278,3 +278,50 @@ def test_exported_frame_particles_reimport(real_run, tmp_path):
         assert sub.sizes["particle"] in (666, 667)  # equal counts of 2,000
         uids.append(set(sub["stack_index"].to_numpy().tolist()))
     assert len(set.union(*uids)) == 2000
+
+
+def _sphere_map(path, radius_px, centre=(0, 0, 0), box=BOX, pixel=1.5):
+    from dva.io.mrc import write_volume
+
+    c = np.arange(box) - box // 2
+    zz, yy, xx = np.meshgrid(c, c, c, indexing="ij")
+    r = np.sqrt((xx - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (zz - centre[2]) ** 2)
+    write_volume(path, (r <= radius_px).astype(np.float32), pixel)
+    return r
+
+
+def test_mask_threshold_dilate_soft_edge_and_exclude(tmp_path):
+    r = _sphere_map(tmp_path / "map.mrc", 8)
+    args = ["mask", str(tmp_path / "map.mrc"), "--threshold", "0.5", "--dilate", "3", "--soft-edge", "3"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "m.mrc")])
+    assert result.exit_code == 0, result.output
+    m, voxel = read_volume(tmp_path / "m.mrc")
+    assert voxel == pytest.approx(1.5)
+    # Sphere of 8 px, dilated by 2 px (3 Å at 1.5 Å/px), then a 2 px raised-cosine edge; distances
+    # from scipy's exact transform to the thresholded voxels.
+    from scipy.ndimage import distance_transform_edt
+
+    dist = distance_transform_edt(r > 8)
+    expected = 0.5 * (1 + np.cos(np.pi * np.clip((dist - 2) / 2, 0, 1)))
+    np.testing.assert_allclose(m, expected, atol=1e-5)
+    assert np.all(m[r <= 9] == 1) and np.all(m[r >= 12] == 0)
+    # Leaving out a second sphere (say a micelle) at +10 px along x.
+    r2 = _sphere_map(tmp_path / "micelle.mrc", 4, centre=(10, 0, 0))
+    result = runner.invoke(app, [*args, "--exclude", str(tmp_path / "micelle.mrc"), "--out", str(tmp_path / "c.mrc")])
+    assert result.exit_code == 0, result.output
+    cut, _ = read_volume(tmp_path / "c.mrc")
+    assert np.all(cut[r2 <= 4] == 0) and np.all(cut[(r <= 9) & (r2 >= 7)] == 1)
+
+
+def test_mask_bad_input_is_one_line(tmp_path):
+    _sphere_map(tmp_path / "map.mrc", 8)
+    _sphere_map(tmp_path / "other.mrc", 4, box=24)
+    base = ["mask", str(tmp_path / "map.mrc"), "--out", str(tmp_path / "m.mrc")]
+    for extra, message in [
+        (["--threshold", "2"], "no voxel above --threshold 2"),
+        (["--threshold", "0.5", "--exclude", str(tmp_path / "other.mrc")], "does not match"),
+        (["--threshold", "0.5", "--dilate", "-1"], "--dilate -1"),
+    ]:
+        result = runner.invoke(app, [*base, *extra])
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+        assert not (tmp_path / "m.mrc").exists()
