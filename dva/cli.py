@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -164,9 +166,14 @@ def run(
     gpus: Annotated[str | None, typer.Option(help="GPUs to use (e.g. 0,1), or none for CPU.")] = None,
     datadir: Annotated[Path | None, typer.Option(help="Folder the image paths are relative to.")] = None,
     passthrough: Annotated[Path | None, typer.Option(help="CryoSPARC passthrough .cs joined on uid.")] = None,
+    performance_report: Annotated[
+        Path | None, typer.Option(help="Write dask's performance report (HTML) of the run here.")
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
-    """3D Variability Analysis: the mean and K components, and K coordinates per particle."""
+    """3D Variability Analysis: the mean and K components, and K coordinates per particle.
+
+    Also writes DIR/run.log: the parameters, one line per iteration, timings."""
     from dva.engine.cluster import connect
     from dva.engine.loop import RunParams, run_3dva
 
@@ -197,8 +204,22 @@ def run(
             try:
                 if not quiet:
                     print(f"dask dashboard: {cluster.client.dashboard_link}", file=sys.stderr)
-                with _iteration_bar(iterations, quiet) as report:
-                    result = run_3dva(store, mask, params, cluster, progress=report)
+                with (
+                    open(out / "run.log", "w", buffering=1) as log,
+                    _iteration_bar(iterations, quiet) as report,
+                    _performance_report(performance_report),
+                ):
+                    log.write(
+                        f"dva {__version__} run {input} on {cluster.backend}; dashboard {cluster.client.dashboard_link}\n"
+                    )
+                    log.write(f"parameters {json.dumps(asdict(params))}\n")
+
+                    def progress(metrics: dict) -> None:
+                        report(metrics)
+                        log.write(f"iteration {json.dumps(metrics)}\n")
+
+                    result = run_3dva(store, mask, params, cluster, progress=progress)
+                    log.write(f"timings_s {json.dumps(result.timings)}\n")
             finally:
                 cluster.close()
             table = table.isel(particle=slice(0, result.particles))
@@ -224,6 +245,18 @@ def run(
         print(
             f"wrote {out}/ ({prefix}_map.mrc, {prefix}_component_*.mrc, {prefix}_particles.cs/.star, job.json) in {result.timings['total_s']:.0f} s"
         )
+
+
+@contextmanager
+def _performance_report(path: Path | None) -> Iterator[None]:
+    """dask's performance report of the enclosed work, written to `path` (nothing when None)."""
+    if path is None:
+        yield
+        return
+    from distributed import performance_report
+
+    with performance_report(filename=str(path)):
+        yield
 
 
 def open_store_table(store: Path, n: int | None):
@@ -482,6 +515,21 @@ def mask(
 
 
 @app.command()
+def report(
+    results: Annotated[Path, typer.Argument(help="Output folder of dva run.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Folder for the report (default RESULTS/report).")] = None,
+) -> None:
+    """Plots, a movie per component and one self-contained report.html (opens from disk, no network)."""
+    from dva.io.results import read_results
+    from dva.report.page import build_report
+
+    with _user_errors():
+        run = read_results(results)
+        page = build_report(run, out or results / "report")
+        print(f"report: {page}")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for the demo's files.")] = Path("dva-demo"),
     preset: Annotated[str, typer.Option(help="Simulation preset.")] = "small",
@@ -540,7 +588,12 @@ def demo(
             f"coordinate vs simulated motion: |Spearman(z0, latent)| = {found['spearman_z0_latent']:.2f}; "
             f"best |corr(z_k, subunit present)| = {found['best_correlation_state']:.2f}"
         )
+        from dva.io.results import read_results
+        from dva.report.page import build_report
+
+        page = build_report(read_results(out / "run"), out / "run" / "report")
         print(f"results in {out / 'run'}")
+        print(f"report: {page}")
 
 
 DEMO_FILTER_A = 12.0

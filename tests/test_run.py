@@ -25,7 +25,9 @@ def run_dir(tmp_path_factory):
     sim = simulate_dataset(tmp / "sim", "tiny", particles=400, seed=2)
     out = tmp / "r"
     args = ["run", str(sim / "particles.star"), "--mask", str(sim / "mask.mrc"), "--filter-res", "12"]
+    args += ["--performance-report", str(tmp / "perf.html")]
     r = runner.invoke(app, [*args, "--modes", "2", "--iterations", "3", "--out", str(out), "--workers", "2", "--quiet"])
+    assert r.output.strip().startswith("explained by")  # --quiet: no progress bars or dashboard line
     assert r.exit_code == 0, r.output
     return out
 
@@ -41,6 +43,7 @@ def test_every_output_is_written(run_dir):
             "dva_particles.star",
             "dva_coordinates.zarr",
             "job.json",
+            "run.log",
         ]
     )  # the temporary import store is gone
     for name in ("dva_map.mrc", "dva_component_0.mrc"):
@@ -51,6 +54,13 @@ def test_every_output_is_written(run_dir):
     job = json.loads((run_dir / "job.json").read_text())
     assert job["type"] == "var_3D" and job["parameters"]["modes"] == 2 and len(job["iterations"]) == 3
     assert {"numpy", "dask", "zarr"} <= set(job["versions"])
+    log = (run_dir / "run.log").read_text().splitlines()
+    assert log[0].startswith("dva ") and log[1].startswith("parameters ")
+    iterations = [json.loads(line.split(" ", 1)[1]) for line in log if line.startswith("iteration ")]
+    assert iterations == job["iterations"]
+    assert log[-1].startswith("timings_s ")
+    perf = (run_dir.parent / "perf.html").read_text()
+    assert "<html" in perf.lower() and len(perf) > 10_000  # dask's performance report
 
 
 def test_coordinates_read_back_the_same(run_dir):
