@@ -166,6 +166,9 @@ def run(
     gpus: Annotated[str | None, typer.Option(help="GPUs to use (e.g. 0,1), or none for CPU.")] = None,
     datadir: Annotated[Path | None, typer.Option(help="Folder the image paths are relative to.")] = None,
     passthrough: Annotated[Path | None, typer.Option(help="CryoSPARC passthrough .cs joined on uid.")] = None,
+    halfsets: Annotated[
+        bool, typer.Option(help="Also fit each half-set alone and report per-mode FSC and coordinate agreement.")
+    ] = False,
     performance_report: Annotated[
         Path | None, typer.Option(help="Write dask's performance report (HTML) of the run here.")
     ] = None,
@@ -192,6 +195,7 @@ def run(
             box=box,
             seed=seed,
             max_particles=max_particles,
+            halfsets=halfsets,
         )
         if not mask.is_file():
             raise DvaInputError(f"{mask}: mask not found")
@@ -219,6 +223,9 @@ def run(
                         log.write(f"iteration {json.dumps(metrics)}\n")
 
                     result = run_3dva(store, mask, params, cluster, progress=progress)
+                    if result.halves is not None:
+                        summary = {k: result.halves[k] for k in ("resolution_A", "coordinate_correlation", "particles")}
+                        log.write(f"halfsets {json.dumps(summary)}\n")
                     log.write(f"timings_s {json.dumps(result.timings)}\n")
             finally:
                 cluster.close()

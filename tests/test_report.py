@@ -29,6 +29,7 @@ SIZES = {
     "map": (900, 220),
     "component": (900, 220),
     "convergence": (800, 300),
+    "halfsets": (600, 350),
 }
 
 
@@ -53,6 +54,14 @@ def run_dir(tmp_path_factory):
         pixel_size_A=4.0,
         particles=N,
         metrics=[{"iteration": i + 1, "subspace_change_deg": 10.0 / (i + 1), "explained": 0.01 * i} for i in range(5)],
+        halves={
+            "frequency_A_inv": [0.01, 0.02, 0.03],
+            "fsc": [[0.9, 0.5, 0.1], [0.1, 0.0, -0.1]],
+            "resolution_A": [40.0, None],
+            "coordinate_correlation": [0.8, 0.05],
+            "particles": [1500, 1500],
+            "components": [np.zeros((2, 32, 32, 32), np.float32), np.ones((2, 32, 32, 32), np.float32)],
+        },
     )
     write_results(tmp / "r", "dva", result, table, {"input": "test"})
     return tmp / "r"
@@ -68,7 +77,7 @@ def test_every_embedded_image_decodes_and_is_not_blank(run_dir):
     assert names == sorted(
         [
             *("scatter_0_1.png", "energy_0.png", "energy_1.png", "map.png", "component_0.png", "component_1.png"),
-            *("movie_0.gif", "movie_1.gif", "convergence.png"),
+            *("movie_0.gif", "movie_1.gif", "convergence.png", "halfsets_fsc.png"),
         ]
     )
     for name, mime, data in found:
@@ -79,6 +88,14 @@ def test_every_embedded_image_decodes_and_is_not_blank(run_dir):
         if image.format == "PNG":
             assert image.size == SIZES[name.split("_")[0].removesuffix(".png")], name
             assert np.asarray(image.convert("L"), dtype=float).var() > 0, name
+
+
+def test_halfset_outputs_and_report_table(run_dir):
+    assert (run_dir / "dva_component_1_half_B.mrc").is_file() and (run_dir / "dva_component_0_half_A.mrc").is_file()
+    runner.invoke(app, ["report", str(run_dir), "--out", str(run_dir / "rep3")])
+    page = (run_dir / "rep3" / "report.html").read_text()
+    assert "<tr><td>0</td><td>40</td><td>0.800</td></tr>" in page
+    assert "<tr><td>1</td><td>none (below 0.143 at once)</td><td>0.050</td></tr>" in page
 
 
 def test_movie_has_the_frames_and_they_differ(run_dir):
@@ -109,3 +126,16 @@ def test_quiet_commands_print_no_progress(run_dir, tmp_path):
         assert "━" not in r.output and "%" not in r.output
         noisy = runner.invoke(app, [a for a in args if a != "--quiet"])
         assert noisy.exit_code == 0 and "━" in noisy.output
+
+
+def test_mp4_beside_the_gif_where_imageio_ffmpeg_is_installed(run_dir, tmp_path):
+    imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
+    runner.invoke(app, ["report", str(run_dir), "--out", str(tmp_path / "rep")])
+    reader = imageio_ffmpeg.read_frames(str(tmp_path / "rep" / "movie_0.mp4"), pix_fmt="gray")
+    meta = reader.__next__()
+    frames = np.frombuffer(b"".join(reader), np.uint8).reshape(-1, 32, 96)
+    assert meta["size"] == (96, 32) and len(frames) == 2 * MOVIE_FRAMES - 2
+    gif = Image.open(tmp_path / "rep" / "movie_0.gif")
+    gif.seek(3)
+    # H.264 is lossy: the frame matches the GIF's to a few grey levels on average.
+    assert np.abs(frames[3].astype(float) - np.asarray(gif.convert("L"), dtype=float)).mean() < 6

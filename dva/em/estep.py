@@ -25,14 +25,20 @@ def pair_index(k: int) -> list[tuple[int, int]]:
     return [(a, b) for a in range(k) for b in range(a, k)]
 
 
-def em_statistics(chunk: Chunk, model: Model, band: Band, *, statistics: bool = True, xp: ModuleType = np) -> dict:
+def em_statistics(
+    chunk: Chunk, model: Model, band: Band, *, statistics: bool = True, keep=None, xp: ModuleType = np
+) -> dict:
     """E-step for the chunk's particles and, when `statistics`, its partial M-step sums.
 
-    Returns `z (n, K)`, `alpha (n,)`, `zsum` (Σ_i z_i), `zcov` (Σ_i (G_i + ridge)⁻¹/α_i², the noise
+    `keep (n,)` bool restricts everything to those particles. Returns `particles` (how many),
+    `z (n, K)`, `alpha (n,)`, `zsum` (Σ_i z_i), `zcov` (Σ_i (G_i + ridge)⁻¹/α_i², the noise
     covariance of the coordinates summed), `objective` (Σ W|residual|²), `baseline` (the same after the
     mean alone, so `1 − objective/baseline` is the fraction the components explain), `power`/`count` per shell of the
     residual and, with `statistics`, `G (K(K+1)/2, D³)` and `b (2K, D³)` (re, im per mode) in float64.
     """
+    if keep is not None:  # only these particles (a half-set)
+        chosen = xp.flatnonzero(xp.asarray(keep))
+        chunk = Chunk(chunk.y[chosen], chunk.ctf[chosen], chunk.rotation[chosen], chunk.scale[chosen])
     box, k = band.box, model.modes
     weight = model.noise_inverse[band.shell] * band.multiplicity  # (P,): W, counting both halves
     pairs = pair_index(k)
@@ -42,6 +48,7 @@ def em_statistics(chunk: Chunk, model: Model, band: Band, *, statistics: bool = 
         "objective": 0.0,
         "baseline": 0.0,
         "zcov": xp.zeros((k, k)),
+        "particles": len(chunk.y),
         "zsum": xp.zeros(k),
         "alpha_moments": xp.zeros(3),
         "power": xp.zeros(band.shells),

@@ -27,6 +27,7 @@ from dva.errors import DvaInputError
 from dva.io.mask import load_mask
 from dva.io.store import open_store
 from dva.ops.filters import to_fourier, to_real
+from dva.ops.fsc import fsc, resolution_A
 
 EPS = 0.01  # E-step ridge, relative to tr(G_i)/K
 MIN_TASK = 64  # fewest particles per task
@@ -49,6 +50,7 @@ class RunParams:
     box: int | None = None
     seed: int = 0
     max_particles: int | None = None
+    halfsets: bool = False
 
 
 @dataclass
@@ -67,6 +69,54 @@ class Result:
     metrics: list[dict] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)
+    halves: dict | None = None  # split-half validation (`--halfsets`), see `compare_halves`
+
+
+@dataclass(frozen=True)
+class State:
+    """What one iteration hands the next: the mean and components (real space), 1/σ² per shell and
+    the spread of the optimal scales (None before the first iteration)."""
+
+    mean: np.ndarray
+    components: np.ndarray
+    noise_inverse: np.ndarray
+    prior: tuple[float, float] | None
+
+
+def halfset_labels(halfset: np.ndarray, seed: int) -> np.ndarray:
+    """Half-set 0/1 per particle: the metadata's, and a seeded random one where it is −1."""
+    labels = halfset.astype(np.int64).copy()
+    missing = labels < 0
+    labels[missing] = np.random.default_rng([seed, 2]).integers(0, 2, int(missing.sum()))
+    return labels
+
+
+def align(components: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """The rotation of `components (K, ...)` (same span) closest to `reference` (orthogonal Procrustes)."""
+    k = len(components)
+    m = reference.reshape(k, -1).astype(np.float64) @ components.reshape(k, -1).astype(np.float64).T
+    u, _, vt = np.linalg.svd(m)
+    return ((u @ vt) @ components.reshape(k, -1)).reshape(components.shape)
+
+
+def compare_halves(components: list[np.ndarray], z: list[np.ndarray], pixel_size_A: float) -> dict:
+    """Per mode: the FSC between the two halves' (aligned) components, its 0.143 resolution (Å; None
+    when it starts below), and the correlation of the coordinates each half's components give
+    every particle."""
+    curves, resolution = [], []
+    for a, b in zip(components[0], components[1], strict=True):
+        freq, curve = fsc(a, b, pixel_size_A)
+        curves.append(curve.tolist())
+        res = resolution_A(freq, curve)
+        resolution.append(res if np.isfinite(res) else None)  # None: below 0.143 from the first shell
+    corr = [float(np.corrcoef(z[0][:, k], z[1][:, k])[0, 1]) for k in range(z[0].shape[1])]
+    return {
+        "frequency_A_inv": freq.tolist(),
+        "fsc": curves,
+        "resolution_A": resolution,
+        "coordinate_correlation": corr,
+        "components": [c.astype(np.float32) for c in components],
+    }
 
 
 def task_ranges(n: int, chunk: int, workers: int) -> list[tuple[int, int]]:
@@ -151,61 +201,85 @@ def run_3dva(
     timings = {"mean_s": time.perf_counter() - t0}
     metrics: list[dict] = []
 
-    prior = None  # the spread of the optimal scales, known after the first iteration
+    state = State(mean, comps, noise_inverse, None)
 
-    def model_future(components: np.ndarray):
-        model = Model(fourier_stack(mean, components), noise_inverse, EPS, params.scale, data_sign, prior)
-        return client.scatter(model, broadcast=True, hash=False)
-
-    for it in range(params.iterations):
-        t_it = time.perf_counter()
-        model = model_future(comps)
-        parts = [
+    def submit(function, state: State, components: np.ndarray, keep: list | None) -> list:
+        model = Model(
+            fourier_stack(state.mean, components), state.noise_inverse, EPS, params.scale, data_sign, state.prior
+        )
+        model = client.scatter(model, broadcast=True, hash=False)
+        return [
             client.submit(
-                em_partial, c, model, box, backend, pure=False, workers=owners.get(c.key), allow_other_workers=True
+                function,
+                c,
+                model,
+                box,
+                backend,
+                None if keep is None else keep[i],
+                pure=False,
+                workers=owners.get(c.key),
+                allow_other_workers=True,
             )
-            for c in chunks
+            for i, c in enumerate(chunks)
         ]
-        stats = tree_sum(client, parts).result()
+
+    def iterate(state: State, keep: list | None) -> tuple[State, dict]:
+        """One E/M pass over the particles (those of `keep` per task when given)."""
+        t_it = time.perf_counter()
+        stats = tree_sum(client, submit(em_partial, state, state.components, keep)).result()
+        count = int(stats["particles"])
         # Re-centre: a common offset of the coordinates is an error of the mean, not variability;
         # moving it into the mean frees the components for what varies.
-        mean = mean + np.tensordot(stats["zsum"] / n, comps, axes=1)
+        mean = state.mean + np.tensordot(stats["zsum"] / count, state.components, axes=1)
         new = solve_components(stats, box, params.modes, params.lam)
         new = regularize(new, mask, filt, orthonormalize=params.gram_schmidt)
-        metrics.append(
-            {
-                "iteration": it + 1,
-                "subspace_change_deg": subspace_angle_deg(comps, new),
-                "objective": float(stats["objective"]),
-                "explained": 1.0 - float(stats["objective"]) / float(stats["baseline"]),
-                "seconds": time.perf_counter() - t_it,
-            }
-        )
-        noise_inverse = noise_from_power(stats, params.noise == "white")
+        metric = {
+            "subspace_change_deg": subspace_angle_deg(state.components, new),
+            "objective": float(stats["objective"]),
+            "explained": 1.0 - float(stats["objective"]) / float(stats["baseline"]),
+            "seconds": time.perf_counter() - t_it,
+        }
+        prior = None
         if params.scale == "optimal":
-            prior = scale_prior(stats["alpha_moments"], n)
-            metrics[-1].update(scale_mean=prior[0], scale_std=prior[1] ** 0.5)
-        comps = new
+            prior = scale_prior(stats["alpha_moments"], count)
+            metric.update(scale_mean=prior[0], scale_std=prior[1] ** 0.5)
+        return State(mean, new, noise_from_power(stats, params.noise == "white"), prior), metric
+
+    def coordinates(state: State, components: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """z `(N, K)`, α `(N,)` and the mean E-step noise covariance with `components`."""
+        coords = client.gather(submit(em_coordinates, state, components, None))
+        z = np.concatenate([c["z"] for c in coords])
+        return z, np.concatenate([c["alpha"] for c in coords]), sum(c["zcov"] for c in coords) / len(z)
+
+    for it in range(params.iterations):
+        state, metric = iterate(state, None)
+        metrics.append({"iteration": it + 1, **metric})
         if progress is not None:
             progress(metrics[-1])
 
     t_final = time.perf_counter()
-    model = model_future(comps)
-    coords = client.gather(
-        [
-            client.submit(
-                em_coordinates, c, model, box, backend, pure=False, workers=owners.get(c.key), allow_other_workers=True
-            )
-            for c in chunks
-        ]
-    )
-    z = np.concatenate([c["z"] for c in coords])
-    alpha = np.concatenate([c["alpha"] for c in coords])
-    noise_cov = sum(c["zcov"] for c in coords) / len(z)
+    z, alpha, noise_cov = coordinates(state, state.components)
     zbar = z.mean(axis=0)
-    mean = (mean + np.tensordot(zbar, comps, axes=1)).astype(np.float32)
-    components, z, variances = principal_axes(comps, z - zbar, noise_cov)
+    mean = (state.mean + np.tensordot(zbar, state.components, axes=1)).astype(np.float32)
+    components, z, variances = principal_axes(state.components, z - zbar, noise_cov)
     timings["final_pass_s"] = time.perf_counter() - t_final
+    halves = None
+    if params.halfsets:
+        t_half = time.perf_counter()
+        labels = halfset_labels(table["halfset"].to_numpy()[:n], params.seed)
+        fitted = []
+        for h in (0, 1):
+            keep = [labels[a:b] == h for a, b in ranges]
+            # Independent: each half starts from its own random components (gold standard).
+            start = random_components(params.modes, mask, filt, np.random.default_rng([params.seed, 3, h]))
+            half = State(mean, start, state.noise_inverse, state.prior)
+            for _ in range(params.iterations):
+                half, _ = iterate(half, keep)
+            fitted.append((half, align(half.components, components)))
+        zs = [coordinates(half, aligned)[0] for half, aligned in fitted]
+        halves = compare_halves([aligned for _, aligned in fitted], zs, pixel)
+        halves["particles"] = [int((labels == h).sum()) for h in (0, 1)]
+        timings["halfsets_s"] = time.perf_counter() - t_half
     timings["total_s"] = time.perf_counter() - t0
     return Result(
         mean=mean,
@@ -220,4 +294,5 @@ def run_3dva(
         metrics=metrics,
         timings=timings,
         params=asdict(params),
+        halves=halves,
     )

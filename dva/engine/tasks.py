@@ -64,17 +64,18 @@ def _on_device(model: Model, backend: str) -> Model:
     )
 
 
-def em_partial(chunk: Chunk, model: Model, box: int, backend: str) -> dict:
-    """Summable statistics of one chunk for the M-step (coordinates dropped)."""
-    out = em_statistics(chunk, _on_device(model, backend), _band(box, backend), xp=array_module(backend))
+def em_partial(chunk: Chunk, model: Model, box: int, backend: str, keep: np.ndarray | None = None) -> dict:
+    """Summable statistics of one chunk (of its `keep` particles when given) for the M-step."""
+    out = em_statistics(chunk, _on_device(model, backend), _band(box, backend), keep=keep, xp=array_module(backend))
     for unused in ("z", "alpha", "zcov"):
         out.pop(unused)
     return _host(out)
 
 
-def em_coordinates(chunk: Chunk, model: Model, box: int, backend: str) -> dict:
-    """Coordinates `z (n, K)`, scales `alpha (n,)` and summed noise covariance `zcov` of one chunk."""
+def em_coordinates(chunk: Chunk, model: Model, box: int, backend: str, keep: np.ndarray | None = None) -> dict:
+    """Coordinates `z (n, K)`, scales `alpha (n,)` and summed noise covariance `zcov` of one chunk
+    (of its `keep` particles when given)."""
     out = em_statistics(
-        chunk, _on_device(model, backend), _band(box, backend), statistics=False, xp=array_module(backend)
+        chunk, _on_device(model, backend), _band(box, backend), statistics=False, keep=keep, xp=array_module(backend)
     )
     return _host({"z": out["z"], "alpha": out["alpha"], "zcov": out["zcov"]})

@@ -41,6 +41,13 @@ def write_results(out_dir: Path, prefix: str, result, table: xr.Dataset, job: di
         path = out_dir / f"{prefix}_component_{k}.mrc"
         write_volume(path, comp, result.pixel_size_A)
         written.append(path)
+    halves = getattr(result, "halves", None)
+    if halves is not None:  # split-half validation: each half's components, aligned to the full ones
+        for h, comps in zip("AB", halves["components"], strict=True):
+            for k, comp in enumerate(comps):
+                path = out_dir / f"{prefix}_component_{k}_half_{h}.mrc"
+                write_volume(path, comp, result.pixel_size_A)
+                written.append(path)
     z = result.z
     modes = z.shape[1]
     fields: dict[str, np.ndarray] = {}
@@ -76,6 +83,7 @@ def write_results(out_dir: Path, prefix: str, result, table: xr.Dataset, job: di
         "variances": [float(v) for v in result.variances],
         "timings_s": result.timings,
         "iterations": result.metrics,
+        "halfsets": None if halves is None else {k: v for k, v in halves.items() if k != "components"},
         "outputs": [p.name for p in written],
     }
     written.append(out_dir / "job.json")

@@ -2,7 +2,9 @@
 
 Images are embedded in the HTML as base64 data URIs, so the page opens from disk in any browser
 with no network. Files (in `RESULTS/report/` unless `--out`): `scatter_<a>_<b>.png`,
-`energy_<k>.png`, `map.png`, `component_<k>.png`, `convergence.png`, `movie_<k>.gif`, `report.html`.
+`energy_<k>.png`, `map.png`, `component_<k>.png`, `convergence.png`, `movie_<k>.gif`,
+`halfsets_fsc.png` (runs with `--halfsets`), `report.html`, and `movie_<k>.mp4` where
+imageio-ffmpeg is installed (`pip install dva[movies]`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,29 @@ def gif(frames: list[np.ndarray], frame_ms: int = FRAME_MS) -> bytes:
     return buf.getvalue()
 
 
+def write_mp4(frames: list[np.ndarray], path: Path, frame_ms: int = FRAME_MS) -> bool:
+    """Write the frames as H.264 MP4 when imageio-ffmpeg is installed; returns whether it was."""
+    try:
+        import imageio_ffmpeg
+    except ImportError:
+        return False
+    height, width = frames[0].shape
+    with atomic_path(path) as tmp:
+        writer = imageio_ffmpeg.write_frames(
+            str(tmp),
+            (width, height),
+            pix_fmt_in="gray",
+            fps=1000 / frame_ms,
+            macro_block_size=2,  # even sizes (3·box by box) need no resize
+            output_params=["-f", "mp4"],
+        )
+        writer.send(None)
+        for frame in frames:
+            writer.send(np.ascontiguousarray(frame))
+        writer.close()
+    return True
+
+
 def build_report(run: RunOutputs, out: Path) -> Path:
     """Write every figure and `report.html` into `out`; returns the HTML path."""
     out.mkdir(parents=True, exist_ok=True)
@@ -64,13 +89,12 @@ def build_report(run: RunOutputs, out: Path) -> Path:
     ]
     for k in range(k_modes):
         positions = frame_positions(run.z[:, k], MOVIE_FRAMES, MOVIE_PERCENTILE)
-        figures.append(
-            (
-                "Movies (projections along z, y, x)",
-                f"movie_{k}.gif",
-                gif(movie_frames(run.mean, run.components[k], positions)),
-            )
-        )
+        frames = movie_frames(run.mean, run.components[k], positions)
+        figures.append(("Movies (projections along z, y, x)", f"movie_{k}.gif", gif(frames)))
+        write_mp4(frames, out / f"movie_{k}.mp4")  # beside the GIF, when imageio-ffmpeg is installed
+    halves = run.job.get("halfsets")
+    if halves:
+        figures.append(("Is each mode real? (split-half validation)", "halfsets_fsc.png", plots.half_fsc(halves)))
     metrics = run.job.get("iterations", [])
     if metrics:
         figures.append(("Convergence", "convergence.png", plots.convergence(metrics)))
@@ -101,6 +125,17 @@ def _html(run: RunOutputs, figures: list[tuple[str, str, bytes]]) -> str:
         mime = "image/gif" if name.endswith(".gif") else "image/png"
         uri = base64.b64encode(data).decode()
         parts.append(f"<img alt='{name}' title='{name}' src='data:{mime};base64,{uri}'>")
+    halves = job.get("halfsets")
+    if halves:
+        parts.append("<h2>Split-half validation</h2><table><tr><td>component</td><td>FSC 0.143 (Å)</td>")
+        parts.append("<td>coordinate correlation between halves</td></tr>")
+        for k, (res, corr) in enumerate(zip(halves["resolution_A"], halves["coordinate_correlation"], strict=True)):
+            shown = "none (below 0.143 at once)" if res is None else f"{res:.3g}"
+            parts.append(f"<tr><td>{k}</td><td>{shown}</td><td>{corr:.3f}</td></tr>")
+        parts.append(
+            f"</table><p>half-sets of {halves['particles'][0]:,} and {halves['particles'][1]:,} particles; "
+            "each half fitted alone from its own random start.</p>"
+        )
     for title, table in (("Parameters", job.get("parameters", {})), ("Timings (s)", job.get("timings_s", {}))):
         parts.append(f"<h2>{title}</h2><table>")
         parts += [

@@ -94,3 +94,19 @@ def convergence(metrics: list[dict]) -> bytes:
     ax.set_ylabel("explained residual power (%)")
     fig.tight_layout()
     return png(fig)
+
+
+def half_fsc(halves: dict) -> bytes:
+    """Per mode, the FSC between the two half-sets' components, with the 0.143 line."""
+    fig = _figure(6.0, 3.5)
+    ax = fig.add_subplot()
+    freq = np.asarray(halves["frequency_A_inv"])
+    for k, (curve, res) in enumerate(zip(halves["fsc"], halves["resolution_A"], strict=True)):
+        ax.plot(freq, curve, label=f"component {k}: " + ("none" if res is None else f"{res:.3g} Å"))
+    ax.axhline(0.143, color="0.5", linestyle="--", linewidth=1)
+    ax.set_xlabel("spatial frequency (1/Å)")
+    ax.set_ylabel("FSC between half-sets")
+    ax.set_ylim(-0.2, 1.05)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return png(fig)
