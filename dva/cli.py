@@ -49,9 +49,22 @@ def _user_errors() -> Iterator[None]:
 
 @contextmanager
 def progress_bar(description: str, total: int, *, quiet: bool = False) -> Iterator:
-    """A rich progress bar (plain when stderr is not a terminal); yields `advance(n)`."""
+    """A rich progress bar on a terminal, plain lines (every 10%) otherwise; yields `advance(n)`."""
     if quiet:
         yield lambda n: None
+        return
+    if not sys.stderr.isatty():
+        done, shown = 0, -1
+
+        def advance(n: int) -> None:
+            nonlocal done, shown
+            done += n
+            tenth = 10 * done // max(total, 1)
+            if tenth > shown:
+                shown = tenth
+                print(f"{description}: {done:,}/{total:,}", file=sys.stderr, flush=True)
+
+        yield advance
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, transient=False) as bar:
@@ -301,9 +314,18 @@ def _store_for(
 
 @contextmanager
 def _iteration_bar(iterations: int, quiet: bool) -> Iterator:
-    """A progress bar over iterations showing the subspace change and the explained power."""
+    """A progress bar over iterations showing the subspace change and the explained power (a plain
+    line per iteration when stderr is not a terminal)."""
     if quiet:
         yield lambda metrics: None
+        return
+    if not sys.stderr.isatty():
+        yield lambda m: print(
+            f"EM iteration {m['iteration']}/{iterations}: Δsubspace {m['subspace_change_deg']:.2f}°  "
+            f"explained {m['explained']:.2%}",
+            file=sys.stderr,
+            flush=True,
+        )
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"))
     with Progress(*columns) as bar:

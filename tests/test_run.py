@@ -117,3 +117,17 @@ def test_inverted_images_are_detected(tmp_path):
     truth = np.load(sim / "truth" / "truth.npz")["mean"]
     assert np.corrcoef(down.mean.ravel(), truth.ravel())[0, 1] > 0.9
     np.testing.assert_allclose(down.mean, up.mean, atol=1e-4 * np.abs(up.mean).max())
+
+
+def test_progress_is_plain_lines_off_a_terminal(tmp_path):
+    sim = simulate_dataset(tmp_path / "sim", "tiny", particles=200, seed=8)
+    args = ["run", str(sim / "particles.star"), "--mask", str(sim / "mask.mrc"), "--filter-res", "12"]
+    r = runner.invoke(app, [*args, "--modes", "1", "--iterations", "2", "--out", str(tmp_path / "r"), "--workers", "1"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert any(line.startswith("dask dashboard: http") for line in lines)
+    assert [line.split(":")[0] for line in lines if line.startswith("EM iteration")] == [
+        "EM iteration 1/2",
+        "EM iteration 2/2",
+    ]
+    assert "importing: 200/200" in lines and "━" not in r.output
