@@ -453,11 +453,16 @@ def display(
         except ValueError as e:
             raise DvaInputError(str(e)) from None
         pixel = output_pixel_size(options, box, run.pixel_size_A)
-        level = display_job.contour_level(prepare_volume(run.mean, run.pixel_size_A, options))
+        mean = prepare_volume(run.mean, run.pixel_size_A, options)
+        level = display_job.contour_level(mean)
         z = run.z[:n]
         if mode == "simple":
             series = {
-                k: display_job.linear_series(run, k, frame_positions(z[:, k], frames, range_percentile), options)
+                k: display_job.linear_series(
+                    mean,
+                    prepare_volume(run.components[k], run.pixel_size_A, options),
+                    frame_positions(z[:, k], frames, range_percentile),
+                )
                 for k in picked
             }
             with progress_bar("writing frames", frames * len(picked), quiet=quiet) as advance:

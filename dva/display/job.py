@@ -23,10 +23,8 @@ from dva.display.volumes import VolumeOptions, prepare_volume
 from dva.engine.cluster import Cluster
 from dva.engine.reconstruct import reconstruct_subsets
 from dva.io.atomic import atomic_path
-from dva.io.cs import write_cs
 from dva.io.mrc import write_volume
-from dva.io.results import RunOutputs, star_column
-from dva.io.star import write_star
+from dva.io.results import RunOutputs, write_particles
 
 LEVEL_PERCENTILE = 99.0  # the contour is half the (prepared) mean map's value at this percentile
 
@@ -66,27 +64,11 @@ def write_series(
     return every
 
 
-def linear_series(run: RunOutputs, k: int, positions: np.ndarray, options: VolumeOptions) -> np.ndarray:
-    """Frames `V_0 + t·V_k` (simple mode) after the volume options (all linear)."""
-    mean = prepare_volume(run.mean, run.pixel_size_A, options)
-    component = prepare_volume(run.components[k], run.pixel_size_A, options)
+def linear_series(mean: np.ndarray, component: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Frames `V_0 + t·V_k` (simple mode) of a mean and a component already through the volume
+    options (all linear, so the order does not matter)."""
     t = np.asarray(positions, dtype=np.float32)[:, None, None, None]
     return mean[None] + t * component[None]
-
-
-def write_subset(path_stem: Path, table: xr.Dataset, z: np.ndarray, chosen: np.ndarray) -> list[Path]:
-    """Particles `chosen` (indices) as `<stem>.star` and `<stem>.cs`, every input column carried
-    through, plus the coordinates (`dvaComponent<k>`, `components_mode_<k>/value`)."""
-    sub = table.isel(particle=chosen)
-    zs = z[chosen]
-    star, cs = path_stem.with_name(path_stem.name + ".star"), path_stem.with_name(path_stem.name + ".cs")
-    write_star(star, sub, extra_columns={star_column(k): zs[:, k] for k in range(zs.shape[1])})
-    fields = {}
-    for k in range(zs.shape[1]):
-        fields[f"components_mode_{k}/component"] = np.full(len(zs), k, dtype=np.uint32)
-        fields[f"components_mode_{k}/value"] = zs[:, k].astype(np.float32)
-    write_cs(cs, sub, extra_fields=fields)
-    return [star, cs]
 
 
 @dataclass(frozen=True)
@@ -123,16 +105,19 @@ def write_subsets(
             else:
                 stem = out / f"component_{subsets.export}" / f"frame_{g:03d}_particles"
             stem.parent.mkdir(parents=True, exist_ok=True)
-            written += write_subset(stem, table, z, np.flatnonzero(weights[:, g] > 0))
+            chosen = np.flatnonzero(weights[:, g] > 0)
+            written += write_particles(stem, table.isel(particle=chosen), z[chosen])
     if cluster is None:
         return written
-    params = run.job.get("parameters", {})
-    volumes = {}
-    for name, weights in subsets.groups.items():
-        raw = reconstruct_subsets(
-            store, weights, run.job["box"], params.get("scale", "none"), run.job.get("data_sign_applied", 1.0), cluster
-        )
-        volumes[name] = np.stack([prepare_volume(v, run.pixel_size_A, subsets.options) for v in raw])
+    # Every group's subsets in one call: the particles are read and prepared once.
+    scale = run.job.get("parameters", {}).get("scale", "none")
+    weights = np.concatenate(list(subsets.groups.values()), axis=1)
+    raw = reconstruct_subsets(store, weights, run.job["box"], scale, run.job.get("data_sign_applied", 1.0), cluster)
+    volumes, start = {}, 0
+    for name, group in subsets.groups.items():
+        part = raw[start : start + group.shape[1]]
+        start += group.shape[1]
+        volumes[name] = np.stack([prepare_volume(v, run.pixel_size_A, subsets.options) for v in part])
         if progress is not None:
             progress(1)
     if subsets.mode == "intermediates":

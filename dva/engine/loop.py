@@ -132,6 +132,19 @@ def task_ranges(n: int, chunk: int, workers: int) -> list[tuple[int, int]]:
     return ranges
 
 
+def place_chunks(client, store: str, n: int, chunk: int, box: int, backend: str) -> tuple[list, list]:
+    """Task ranges of the first `n` particles and their chunk futures, read and prepared on the
+    workers and dealt round-robin, so each stays on one worker (tasks are then pinned to it)."""
+    client.wait_for_workers(1)
+    addresses = sorted(client.ncores())  # asks the scheduler now (scheduler_info() may be stale)
+    ranges = task_ranges(n, chunk, len(addresses))
+    chunks = [
+        client.submit(load_chunk, store, a, b, box, backend, pure=False, workers=[addresses[i % len(addresses)]])
+        for i, (a, b) in enumerate(ranges)
+    ]
+    return ranges, chunks
+
+
 def _check(params: RunParams, box_in: int, pixel_in: float) -> tuple[int, float]:
     box = params.box or box_in
     if params.box is None and box_in % 2:
@@ -179,15 +192,7 @@ def run_3dva(
         box, pixel, params.filter_res_A, params.filter_order, params.highpass_res_A, params.highpass_order
     )
     client, backend = cluster.client, cluster.backend
-    client.wait_for_workers(1)
-    addresses = sorted(client.ncores())  # asks the scheduler now (scheduler_info() may be stale)
-    ranges = task_ranges(n, images.chunks[0], len(addresses))
-
-    # Chunks are dealt round-robin to the workers and stay there (each E/M task is pinned to its chunk).
-    chunks = [
-        client.submit(load_chunk, store, a, b, box, backend, pure=False, workers=[addresses[i % len(addresses)]])
-        for i, (a, b) in enumerate(ranges)
-    ]
+    ranges, chunks = place_chunks(client, store, n, images.chunks[0], box, backend)
     mean_parts = [client.submit(mean_partial, c, box, params.scale, backend, pure=False) for c in chunks]
     mean_stats = tree_sum(client, mean_parts).result()
     owners = {f.key: next(iter(w)) for f, w in zip(chunks, client.who_has(chunks).values(), strict=True) if w}

@@ -12,9 +12,9 @@ import numpy as np
 
 from dva.em.mean import solve_mean
 from dva.engine.cluster import Cluster
-from dva.engine.loop import task_ranges
+from dva.engine.loop import place_chunks
 from dva.engine.reduce import tree_sum
-from dva.engine.tasks import load_chunk, mean_partial
+from dva.engine.tasks import mean_partial
 from dva.io.store import open_store
 
 MAX_GROUPS = 32  # subsets per pass (each task holds 3·G volumes of float64)
@@ -28,13 +28,7 @@ def reconstruct_subsets(
     store = str(Path(store).absolute())
     images, _, _ = open_store(store)
     client, backend = cluster.client, cluster.backend
-    client.wait_for_workers(1)
-    addresses = sorted(client.ncores())
-    ranges = task_ranges(len(weights), images.chunks[0], len(addresses))
-    chunks = [
-        client.submit(load_chunk, store, a, b, box, backend, pure=False, workers=[addresses[i % len(addresses)]])
-        for i, (a, b) in enumerate(ranges)
-    ]
+    ranges, chunks = place_chunks(client, store, len(weights), images.chunks[0], box, backend)
     volumes = []
     for lo in range(0, weights.shape[1], MAX_GROUPS):
         part = np.ascontiguousarray(weights[:, lo : lo + MAX_GROUPS], dtype=np.float64)

@@ -32,6 +32,19 @@ def star_column(k: int) -> str:
     return f"dvaComponent{k}"
 
 
+def write_particles(stem: Path, table: xr.Dataset, z: np.ndarray) -> list[Path]:
+    """`<stem>.cs` and `<stem>.star`: the particles of `table` (every input column carried through)
+    plus their coordinates `z (n, K)` as `components_mode_<k>/component|value` and `dvaComponent<k>`."""
+    fields: dict[str, np.ndarray] = {}
+    for k in range(z.shape[1]):
+        fields[f"components_mode_{k}/component"] = np.full(len(z), k, dtype=np.uint32)
+        fields[f"components_mode_{k}/value"] = z[:, k].astype(np.float32)
+    cs, star = stem.with_name(stem.name + ".cs"), stem.with_name(stem.name + ".star")
+    write_cs(cs, table, extra_fields=fields)
+    write_star(star, table, extra_columns={star_column(k): z[:, k] for k in range(z.shape[1])})
+    return [cs, star]
+
+
 def write_results(out_dir: Path, prefix: str, result, table: xr.Dataset, job: dict) -> list[Path]:
     """Write every output of a run into `out_dir`; returns the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -41,7 +54,7 @@ def write_results(out_dir: Path, prefix: str, result, table: xr.Dataset, job: di
         path = out_dir / f"{prefix}_component_{k}.mrc"
         write_volume(path, comp, result.pixel_size_A)
         written.append(path)
-    halves = getattr(result, "halves", None)
+    halves = result.halves
     if halves is not None:  # split-half validation: each half's components, aligned to the full ones
         for h, comps in zip("AB", halves["components"], strict=True):
             for k, comp in enumerate(comps):
@@ -49,15 +62,7 @@ def write_results(out_dir: Path, prefix: str, result, table: xr.Dataset, job: di
                 write_volume(path, comp, result.pixel_size_A)
                 written.append(path)
     z = result.z
-    modes = z.shape[1]
-    fields: dict[str, np.ndarray] = {}
-    for k in range(modes):
-        fields[f"components_mode_{k}/component"] = np.full(len(z), k, dtype=np.uint32)
-        fields[f"components_mode_{k}/value"] = z[:, k].astype(np.float32)
-    written.append(out_dir / f"{prefix}_particles.cs")
-    write_cs(written[-1], table, extra_fields=fields)
-    written.append(out_dir / f"{prefix}_particles.star")
-    write_star(written[-1], table, extra_columns={star_column(k): z[:, k] for k in range(modes)})
+    written += write_particles(out_dir / f"{prefix}_particles", table, z)
     coords = xr.Dataset(
         {
             "z": (("particle", "mode"), z),

@@ -9,6 +9,7 @@ import numpy as np
 from dva.em.mstep import band_filter
 from dva.io.mask import load_mask
 from dva.ops.filters import to_fourier, to_real
+from dva.ops.fourier import fourier_crop
 
 
 def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
@@ -32,8 +33,6 @@ def score(result, sim_dir: Path, filter_res_A: float, *, min_fraction: float = 0
     true = []
     for c in chosen:
         if c.shape[0] != box:  # the run Fourier-cropped the data: crop the truth alike
-            from dva.ops.fourier import fourier_crop
-
             c = fourier_crop(c, box, ndim=3)
         true.append(to_real(to_fourier(c * mask) * filt).ravel())
     q_true, _ = np.linalg.qr(np.stack(true).T)
