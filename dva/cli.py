@@ -28,6 +28,26 @@ app = typer.Typer(
 )
 
 
+Scheduler = Annotated[
+    str | None,
+    typer.Option(help="Address of a running dask scheduler (tcp://… or tls://…; or DASK_SCHEDULER_ADDRESS)."),
+]
+Workers = Annotated[int | None, typer.Option(help="Workers of the embedded CPU cluster (default: one per core).")]
+Gpus = Annotated[str | None, typer.Option(help="GPUs of the embedded cluster (e.g. 0,1), or none for CPU.")]
+MemoryLimit = Annotated[str | None, typer.Option(help="Memory limit per worker of the embedded cluster (e.g. 8GB).")]
+TlsCaFile = Annotated[Path | None, typer.Option(help="TLS: the CA certificate (PEM) of the scheduler's cluster.")]
+TlsCert = Annotated[Path | None, typer.Option(help="TLS: this client's certificate (PEM).")]
+TlsKey = Annotated[Path | None, typer.Option(help="TLS: this client's private key (PEM).")]
+
+
+def _connect(scheduler, workers, gpus, memory_limit, tls_ca_file, tls_cert, tls_key):
+    """The cluster a command runs on (see `dva.engine.cluster.connect`)."""
+    from dva.engine.cluster import connect, tls_security
+
+    security = tls_security(tls_ca_file, tls_cert, tls_key)
+    return connect(scheduler, workers=workers, gpus=gpus, memory_limit=memory_limit, security=security)
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
@@ -157,7 +177,9 @@ def simulate(
 
 @app.command()
 def run(
-    input: Annotated[Path, typer.Argument(help="A store from dva import, or particles (.star / .cs).")],
+    input: Annotated[
+        str, typer.Argument(help="A store from dva import (a path or an fsspec URL), or particles (.star / .cs).")
+    ],
     mask: Annotated[Path, typer.Option(help="Mask (MRC); matched to the data's box and pixel size.")],
     filter_res: Annotated[float, typer.Option(help="Low-pass filter resolution in Å (required).")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the results.")],
@@ -174,9 +196,16 @@ def run(
     seed: Annotated[int, typer.Option(help="Random seed of the initial components.")] = 0,
     max_particles: Annotated[int | None, typer.Option(help="Use only the first N particles.")] = None,
     prefix: Annotated[str, typer.Option(help="Prefix of the output files.")] = "dva",
-    scheduler: Annotated[str | None, typer.Option(help="Address of a running dask scheduler.")] = None,
-    workers: Annotated[int | None, typer.Option(help="Workers of the embedded CPU cluster.")] = None,
-    gpus: Annotated[str | None, typer.Option(help="GPUs to use (e.g. 0,1), or none for CPU.")] = None,
+    scheduler: Scheduler = None,
+    workers: Workers = None,
+    gpus: Gpus = None,
+    memory_limit: MemoryLimit = None,
+    tls_ca_file: TlsCaFile = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from DIR/checkpoint/ (saved after every iteration) with the same inputs.")
+    ] = False,
     datadir: Annotated[Path | None, typer.Option(help="Folder the image paths are relative to.")] = None,
     passthrough: Annotated[Path | None, typer.Option(help="CryoSPARC passthrough .cs joined on uid.")] = None,
     halfsets: Annotated[
@@ -189,9 +218,10 @@ def run(
 ) -> None:
     """3D Variability Analysis: the mean and K components, and K coordinates per particle.
 
-    Also writes DIR/run.log: the parameters, one line per iteration, timings."""
-    from dva.engine.cluster import connect
-    from dva.engine.loop import RunParams, run_3dva
+    Also writes DIR/run.log (the parameters, one line per iteration, timings) and, after every
+    iteration, DIR/checkpoint/ (Ctrl-C, SIGTERM or a lost driver lose at most one iteration: --resume)."""
+    from dva.engine.loop import RunParams, resume_point
+    from dva.io.store import store_location
 
     with _user_errors():
         params = RunParams(
@@ -213,50 +243,41 @@ def run(
         if not mask.is_file():
             raise DvaInputError(f"{mask}: mask not found")
         out.mkdir(parents=True, exist_ok=True)
-        with _store_for(input, out, datadir, passthrough, max_particles, quiet) as store:
-            _, table, _ = open_store_table(store, max_particles)
-            if table.attrs["source_format"] in ("star", "cs"):
-                check_source(table)  # the outputs carry its columns: fail now, not after the run
-            cluster = connect(scheduler, workers=workers, gpus=gpus)
-            try:
-                if not quiet:
-                    print(f"dask dashboard: {cluster.client.dashboard_link}", file=sys.stderr)
-                with (
-                    open(out / "run.log", "w", buffering=1) as log,
-                    _iteration_bar(iterations, quiet) as report,
-                    _performance_report(performance_report),
-                ):
-                    log.write(
-                        f"dva {__version__} run {input} on {cluster.backend}; dashboard {cluster.client.dashboard_link}\n"
-                    )
-                    log.write(f"parameters {json.dumps(asdict(params))}\n")
-
-                    def progress(metrics: dict) -> None:
-                        report(metrics)
-                        log.write(f"iteration {json.dumps(metrics)}\n")
-
-                    result = run_3dva(store, mask, params, cluster, progress=progress)
-                    if result.halves is not None:
-                        summary = {k: result.halves[k] for k in ("resolution_A", "coordinate_correlation", "particles")}
-                        log.write(f"halfsets {json.dumps(summary)}\n")
-                    log.write(f"timings_s {json.dumps(result.timings)}\n")
-            finally:
-                cluster.close()
-            table = table.isel(particle=slice(0, result.particles))
-            if result.data_sign < 0:
-                print(
-                    "warning: the mean came out negative inside the mask: images were used inverted "
-                    "(black on white); check --data-sign at import",
-                    file=sys.stderr,
+        checkpoint = out / "checkpoint"
+        try:
+            with _store_for(input, out, datadir, passthrough, max_particles, quiet) as store:
+                done = resume_point(checkpoint, store, params).iteration if resume else 0
+                result, table, backend = _run_job(
+                    input,
+                    store,
+                    mask,
+                    params,
+                    out,
+                    checkpoint,
+                    resume,
+                    done,
+                    quiet,
+                    performance_report,
+                    _connect(scheduler, workers, gpus, memory_limit, tls_ca_file, tls_cert, tls_key),
                 )
-            job = {
-                "input": str(input.absolute()),
-                "mask": str(mask.absolute()),
-                "datadir": str(datadir.absolute()) if datadir else None,
-                "passthrough": str(passthrough.absolute()) if passthrough else None,
-                "backend": cluster.backend,
-            }
-            write_results(out, prefix, result, table, job)
+                if result.data_sign < 0:
+                    print(
+                        "warning: the mean came out negative inside the mask: images were used inverted "
+                        "(black on white); check --data-sign at import",
+                        file=sys.stderr,
+                    )
+                job = {
+                    "input": store_location(input),
+                    "mask": str(mask.absolute()),
+                    "datadir": str(datadir.absolute()) if datadir else None,
+                    "passthrough": str(passthrough.absolute()) if passthrough else None,
+                    "backend": backend,
+                }
+                write_results(out, prefix, result, table, job)
+        except (KeyboardInterrupt, SystemExit) as stop:
+            code = 130 if isinstance(stop, KeyboardInterrupt) else stop.code
+            _stopped(checkpoint, "Ctrl-C" if code == 130 else f"signal {code - 128}", iterations)
+            raise typer.Exit(code) from None
         print(
             f"explained by {modes} components: {result.metrics[-1]['explained']:.3%} of the residual power"
             if result.metrics
@@ -265,6 +286,59 @@ def run(
         print(
             f"wrote {out}/ ({prefix}_map.mrc, {prefix}_component_*.mrc, {prefix}_particles.cs/.star, job.json) in {result.timings['total_s']:.0f} s"
         )
+
+
+def _stopped(checkpoint: Path, cause: str, iterations: int) -> None:
+    """The one line `dva run` prints when stopped by a signal: where it stopped and how to go on."""
+    from dva.engine.checkpoint import load_checkpoint
+
+    try:
+        done = load_checkpoint(checkpoint).iteration
+    except DvaInputError:
+        print(f"dva run: stopped ({cause}) before the mean pass ended; nothing to resume", file=sys.stderr)
+        return
+    print(
+        f"dva run: stopped ({cause}); iterations 1–{done} of {iterations} are saved in {checkpoint}: "
+        f"run the same command with --resume to continue",
+        file=sys.stderr,
+    )
+
+
+def _run_job(input, store, mask, params, out, checkpoint, resume, done, quiet, performance_report, cluster):
+    """`dva run`'s work on `cluster` (closed at the end): the run, with run.log and the progress bar;
+    returns the result, the table of its particles and the backend."""
+    from dva.engine.loop import run_3dva
+
+    try:
+        _, table, _ = open_store_table(store, params.max_particles)
+        if table.attrs["source_format"] in ("star", "cs"):
+            check_source(table)  # the outputs carry its columns: fail now, not after the run
+        if not quiet:
+            print(f"dask dashboard: {cluster.client.dashboard_link}", file=sys.stderr)
+        with (
+            open(out / "run.log", "a" if resume else "w", buffering=1) as log,
+            _iteration_bar(params.iterations, quiet, done) as report,
+            _performance_report(performance_report),
+        ):
+            log.write(
+                f"dva {__version__} run {input} on {cluster.backend}; dashboard {cluster.client.dashboard_link}\n"
+            )
+            log.write(
+                f"{'resumed at iteration ' + str(done) + ' ' if resume else ''}parameters {json.dumps(asdict(params))}\n"
+            )
+
+            def progress(metrics: dict) -> None:
+                report(metrics)
+                log.write(f"iteration {json.dumps(metrics)}\n")
+
+            result = run_3dva(store, mask, params, cluster, progress=progress, checkpoint=checkpoint, resume=resume)
+            if result.halves is not None:
+                summary = {k: result.halves[k] for k in ("resolution_A", "coordinate_correlation", "particles")}
+                log.write(f"halfsets {json.dumps(summary)}\n")
+            log.write(f"timings_s {json.dumps(result.timings)}\n")
+    finally:
+        cluster.close()
+    return result, table.isel(particle=slice(0, result.particles)), cluster.backend
 
 
 @contextmanager
@@ -289,19 +363,20 @@ def open_store_table(store: Path, n: int | None):
 
 @contextmanager
 def _store_for(
-    input: Path, out: Path, datadir: Path | None, passthrough: Path | None, max_particles: int | None, quiet: bool
-) -> Iterator[Path]:
-    """`input` itself when it is a store; else a temporary store imported into `out` and removed after."""
+    input: str | Path, out: Path, datadir: Path | None, passthrough: Path | None, max_particles: int | None, quiet: bool
+) -> Iterator[str | Path]:
+    """`input` itself when it is a store (a folder or an fsspec URL); else a temporary store imported
+    into `out` and removed after."""
     import shutil
     import tempfile
 
     from dva.io.particles import read_particles
     from dva.io.store import import_particles
 
-    if input.is_dir():
+    if "://" in str(input) or Path(input).is_dir():
         yield input
         return
-    table = read_particles(input, datadir=datadir, passthrough=passthrough)
+    table = read_particles(Path(input), datadir=datadir, passthrough=passthrough)
     tmp = Path(tempfile.mkdtemp(prefix=".dva-import-", dir=out))
     try:
         n = min(table.sizes["particle"], max_particles or table.sizes["particle"])
@@ -313,9 +388,9 @@ def _store_for(
 
 
 @contextmanager
-def _iteration_bar(iterations: int, quiet: bool) -> Iterator:
-    """A progress bar over iterations showing the subspace change and the explained power (a plain
-    line per iteration when stderr is not a terminal)."""
+def _iteration_bar(iterations: int, quiet: bool, done: int = 0) -> Iterator:
+    """A progress bar over iterations (`done` of them already) showing the subspace change and the
+    explained power (a plain line per iteration when stderr is not a terminal)."""
     if quiet:
         yield lambda metrics: None
         return
@@ -329,7 +404,7 @@ def _iteration_bar(iterations: int, quiet: bool) -> Iterator:
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"))
     with Progress(*columns) as bar:
-        task = bar.add_task("EM iterations", total=iterations, info="")
+        task = bar.add_task("EM iterations", total=iterations, completed=done, info="")
         yield lambda m: bar.update(
             task, advance=1, info=f"Δsubspace {m['subspace_change_deg']:.2f}°  explained {m['explained']:.2%}"
         )
@@ -416,16 +491,19 @@ def display(
     flip_hand: Annotated[bool, typer.Option(help="Mirror the output volumes (z → −z).")] = False,
     max_particles: Annotated[int | None, typer.Option(help="Use only the first N particles.")] = None,
     datadir: Annotated[Path | None, typer.Option(help="Folder the image paths are relative to.")] = None,
-    scheduler: Annotated[str | None, typer.Option(help="Address of a running dask scheduler.")] = None,
-    workers: Annotated[int | None, typer.Option(help="Workers of the embedded CPU cluster.")] = None,
-    gpus: Annotated[str | None, typer.Option(help="GPUs to use (e.g. 0,1), or none for CPU.")] = None,
+    scheduler: Scheduler = None,
+    workers: Workers = None,
+    gpus: Gpus = None,
+    memory_limit: MemoryLimit = None,
+    tls_ca_file: TlsCaFile = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """3D Variability Display: volume series, subset reconstructions and particle subsets."""
     from dva.display import job as display_job
     from dva.display.subsets import cluster_labels, equal_count_positions, frame_positions, frame_weights, one_hot
     from dva.display.volumes import VolumeOptions, check_options, output_pixel_size, prepare_volume
-    from dva.engine.cluster import connect
     from dva.io.results import read_results
 
     with _user_errors():
@@ -489,8 +567,8 @@ def display(
         elif export_frame_particles:
             export = picked[0] if subset_component is None else subset_component
         subsets = display_job.Subsets(mode, groups, options, pixel, level, export)
-        source = Path(run.job.get("input", ""))
-        if not source.exists():
+        source = run.job.get("input", "")
+        if "://" not in source and not Path(source).exists():
             raise DvaInputError(
                 f"{run.folder / 'job.json'}: field 'input' names {source}, which is missing (its particles are needed)"
             )
@@ -499,7 +577,11 @@ def display(
         passthrough = Path(run.job["passthrough"]) if run.job.get("passthrough") else None
         with _store_for(source, out, datadir, passthrough, n, quiet) as store:
             _, table, _ = open_store_table(store, n)
-            cluster = None if skip_reconstruction else connect(scheduler, workers=workers, gpus=gpus)
+            cluster = (
+                None
+                if skip_reconstruction
+                else _connect(scheduler, workers, gpus, memory_limit, tls_ca_file, tls_cert, tls_key)
+            )
             try:
                 if cluster is not None and not quiet:
                     print(f"dask dashboard: {cluster.client.dashboard_link}", file=sys.stderr)

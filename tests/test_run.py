@@ -44,6 +44,7 @@ def test_every_output_is_written(run_dir):
             "dva_coordinates.zarr",
             "job.json",
             "run.log",
+            "checkpoint",
         ]
     )  # the temporary import store is gone
     for name in ("dva_map.mrc", "dva_component_0.mrc"):

@@ -1,8 +1,10 @@
-"""`dva run --scheduler` against a cluster started by hand: `dask scheduler` and two `dask worker`s."""
+"""`dva run --scheduler` on clusters started with dask's own tools: plain, with TLS, losing a
+worker in the middle of an iteration; and the check that every worker can read the store."""
 
 from __future__ import annotations
 
-import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -13,68 +15,93 @@ import xarray as xr
 from typer.testing import CliRunner
 
 from dva.cli import app
+from dva.engine.placement import place_chunks
+from dva.errors import DvaInputError
 from dva.io.star import read_star
 from dva.io.store import import_particles
 from dva.sim.simulate import simulate_dataset
+from tests.external import client_for, external_cluster, make_certificates
 
 runner = CliRunner()
+MODES = 2
 
 
-@pytest.fixture
-def scheduler_address(tmp_path):
-    """A loopback scheduler on a random port and two single-thread workers; all stopped afterwards."""
-    info = tmp_path / "scheduler.json"
-    dask = [sys.executable, "-m", "dask"]
-    procs = [
-        subprocess.Popen(
-            [
-                *dask,
-                "scheduler",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--dashboard-address",
-                ":0",
-                "--scheduler-file",
-                str(info),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-    ]
-    try:
-        deadline = time.time() + 60
-        while not info.exists() and time.time() < deadline:
-            time.sleep(0.2)
-        worker = [*dask, "worker", "--scheduler-file", str(info), "--nthreads", "1", "--no-dashboard"]
-        procs += [subprocess.Popen(worker, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
-        from distributed import Client
-
-        address = json.loads(info.read_text())["address"]
-        with Client(address) as client:
-            client.wait_for_workers(2, timeout=60)
-        yield address
-    finally:
-        for p in procs[::-1]:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-
-
-def test_external_cluster_gives_the_embedded_result(tmp_path, scheduler_address):
-    sim = simulate_dataset(tmp_path / "sim", "tiny", particles=400, seed=4)
-    import_particles(read_star(sim / "particles.star"), tmp_path / "s.zarr", chunk_size=100)
-    common = ["run", str(tmp_path / "s.zarr"), "--mask", str(sim / "mask.mrc"), "--filter-res", "12"]
-    common += ["--modes", "2", "--iterations", "4", "--quiet"]
-    r = runner.invoke(app, [*common, "--out", str(tmp_path / "ext"), "--scheduler", scheduler_address])
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A store of 1,600 tiny particles in 16 chunks, its mask, and the embedded cluster's run of it."""
+    tmp = tmp_path_factory.mktemp("scheduler")
+    sim = simulate_dataset(tmp / "sim", "tiny", particles=1600, seed=4)
+    import_particles(read_star(sim / "particles.star"), tmp / "s.zarr", chunk_size=100)
+    args = ["run", str(tmp / "s.zarr"), "--mask", str(sim / "mask.mrc"), "--filter-res", "12"]
+    args += ["--modes", str(MODES), "--iterations", "6", "--quiet"]
+    r = runner.invoke(app, [*args, "--out", str(tmp / "embedded"), "--workers", "2"])
     assert r.exit_code == 0, r.output
-    r = runner.invoke(app, [*common, "--out", str(tmp_path / "emb"), "--workers", "2"])
+    return tmp, args
+
+
+def coordinates(folder):
+    return xr.open_zarr(folder / "dva_coordinates.zarr", consolidated=False)["z"].values
+
+
+def assert_same_result(a, b):
+    za, zb = coordinates(a), coordinates(b)
+    for k in range(MODES):
+        assert np.corrcoef(za[:, k], zb[:, k])[0, 1] >= 0.9999
+
+
+def test_external_cluster_gives_the_embedded_result(dataset, tmp_path):
+    tmp, args = dataset
+    with external_cluster(tmp_path) as address:
+        r = runner.invoke(app, [*args, "--out", str(tmp_path / "ext"), "--scheduler", address])
     assert r.exit_code == 0, r.output
-    ext = xr.open_zarr(tmp_path / "ext" / "dva_coordinates.zarr", consolidated=False)["z"].values
-    emb = xr.open_zarr(tmp_path / "emb" / "dva_coordinates.zarr", consolidated=False)["z"].values
-    for k in range(2):
-        assert np.corrcoef(ext[:, k], emb[:, k])[0, 1] >= 0.9999
+    assert_same_result(tmp_path / "ext", tmp / "embedded")
+
+
+def test_tls_cluster_gives_the_embedded_result(dataset, tmp_path):
+    tmp, args = dataset
+    tls = make_certificates(tmp_path)
+    security = [a for option, path in tls.items() for a in (option, str(path))]
+    with external_cluster(tmp_path, tls=tls) as address:
+        assert address.startswith("tls://")
+        r = runner.invoke(app, [*args, "--out", str(tmp_path / "plain"), "--scheduler", address])
+        assert r.exit_code == 2 and r.output.count("\n") == 1, r.output  # no certificate: one line
+        assert "cannot connect" in r.output
+        r = runner.invoke(app, [*args, "--out", str(tmp_path / "tls"), "--scheduler", address, *security])
+    assert r.exit_code == 0, r.output
+    assert_same_result(tmp_path / "tls", tmp / "embedded")
+
+
+def test_a_killed_worker_does_not_change_the_result(dataset, tmp_path):
+    tmp, args = dataset
+    out = tmp_path / "killed"
+    with external_cluster(tmp_path, workers=3) as address:
+        with client_for(address) as client:
+            pids = client.run(os.getpid)
+        command = [sys.executable, "-m", "dva", *args, "--out", str(out), "--scheduler", address]
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        log = out / "run.log"
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if log.exists() and log.read_text().count("\niteration ") >= 2:
+                break
+            time.sleep(0.05)
+        done_before = log.read_text().count("\niteration ")
+        victim = sorted(pids.values())[0]
+        os.kill(victim, signal.SIGKILL)
+        output, _ = proc.communicate(timeout=300)
+    assert 2 <= done_before < 6  # killed in the middle of the run
+    assert proc.returncode == 0, output
+    assert_same_result(out, tmp / "embedded")
+
+
+def test_a_worker_that_cannot_read_the_store_is_named(dataset, tmp_path):
+    from distributed import Client, LocalCluster
+
+    tmp, _ = dataset
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0") as lc, Client(lc) as client:
+        missing = str(tmp_path / "elsewhere.zarr")  # as a store on a disk the workers do not mount
+        with pytest.raises(DvaInputError, match=r"elsewhere\.zarr: worker tcp://.* cannot open the store"):
+            place_chunks(client, missing, 100, 100, 32, "numpy")
+        placement = place_chunks(client, str(tmp / "s.zarr"), 1600, 100, 32, "numpy")
+        assert [b - a for a, b in placement.ranges] == [100] * 16
+        placement.release(client)

@@ -71,6 +71,11 @@ class Chunk:
     scale: np.ndarray  # (n,) float64, per-particle scale from the metadata
 
 
+def chunk_bytes_per_particle(band: Band) -> int:
+    """Bytes one particle takes in a `Chunk` (`y`, `ctf`, `rotation`, `scale`)."""
+    return len(band.flat) * (8 + 4) + 9 * 8 + 8
+
+
 def prepare_chunk(
     images: np.ndarray,
     rows: dict[str, np.ndarray],

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import dask
 from distributed import Client, LocalCluster
+from distributed.security import Security
+
+from dva.errors import DvaInputError
 
 MMAP_THRESHOLD = 2**30  # bytes
 
@@ -35,34 +43,88 @@ def gpu_count() -> int:
         return 0
 
 
+@contextmanager
+def _workers_ignore_ctrl_c() -> Iterator[None]:
+    """Start worker processes with SIGINT ignored (Python keeps an inherited SIG_IGN): Ctrl-C in a
+    terminal reaches the whole process group, and only the driver should stop (and say so once)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def tls_security(ca_file: Path | None, cert: Path | None, key: Path | None) -> Security | None:
+    """Client-side TLS (CA, certificate and key files, as dask's own CLI names them); None when none given."""
+    given = {"--tls-ca-file": ca_file, "--tls-cert": cert, "--tls-key": key}
+    if not any(given.values()):
+        return None
+    for option, path in given.items():
+        if path is None:
+            raise DvaInputError(f"{option}: TLS needs all of --tls-ca-file, --tls-cert and --tls-key")
+        if not Path(path).is_file():
+            raise DvaInputError(f"{path}: {option} file not found")
+    return Security(
+        tls_ca_file=str(ca_file), tls_client_cert=str(cert), tls_client_key=str(key), require_encryption=True
+    )
+
+
 def connect(
     scheduler: str | None = None,
     *,
     workers: int | None = None,
     gpus: str | None = None,
+    memory_limit: str | None = None,
+    security: Security | None = None,
     dashboard: str = ":0",
 ) -> Cluster:
     """Join `scheduler` (or `DASK_SCHEDULER_ADDRESS`), else start a LocalCUDACluster when GPUs are
     visible (all, or the comma-separated `gpus`; `gpus="none"` forces CPU), else a LocalCluster of
-    `workers` single-threaded processes (default: one per core)."""
+    `workers` single-threaded processes (default: one per core). `memory_limit` ("8GB") is per
+    worker of an embedded cluster; `security` is TLS to a running scheduler.
+
+    On a running cluster the workers use CuPy when every one of them sees a GPU (and `gpus` is not
+    "none"); this waits for the first worker to join."""
     scheduler = scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
+    if security is not None and not scheduler:
+        raise DvaInputError(
+            "--tls-ca-file/--tls-cert/--tls-key: TLS is for a running scheduler; give --scheduler tls://HOST:PORT"
+        )
     if scheduler:
-        client = Client(scheduler)
-        return Cluster(client=client, backend="cupy" if gpus not in (None, "none") else "numpy", local=None)
+        try:  # a probe first: a Client that fails to start can stay dask's default scheduler
+            Client(scheduler, security=security, timeout="30s", set_as_default=False).close()
+        except Exception as exc:  # refused, timed out, TLS mismatch: all mean the same to a user
+            raise DvaInputError(f"--scheduler {scheduler}: cannot connect ({exc})".replace("\n", " ")) from None
+        client = Client(scheduler, security=security, timeout="30s")
+        client.wait_for_workers(1)
+        found = client.run(gpu_count).values() if gpus != "none" else [0]
+        return Cluster(client=client, backend="cupy" if min(found) > 0 else "numpy", local=None)
     if gpus != "none" and gpu_count() > 0:
         from dask_cuda import LocalCUDACluster
 
-        local = LocalCUDACluster(
-            CUDA_VISIBLE_DEVICES=gpus, threads_per_worker=1, dashboard_address=dashboard, silence_logs=40
-        )
+        with _workers_ignore_ctrl_c():
+            local = LocalCUDACluster(
+                CUDA_VISIBLE_DEVICES=gpus,
+                threads_per_worker=1,
+                memory_limit=memory_limit or "auto",
+                dashboard_address=dashboard,
+                silence_logs=40,
+            )
         return Cluster(client=Client(local), backend="cupy", local=local)
     # dask sets MALLOC_TRIM_THRESHOLD_ in workers, which also pins glibc's mmap threshold: every
     # large temporary is then mmapped and unmapped, and the E/M pass ran 2x slower. Keep them on the heap.
-    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}):
+    with (
+        dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}),
+        _workers_ignore_ctrl_c(),
+    ):
         local = LocalCluster(
             n_workers=workers or os.cpu_count() or 1,
             threads_per_worker=1,
             processes=True,
+            memory_limit=memory_limit or "auto",
             dashboard_address=dashboard,
             silence_logs=40,
         )

@@ -8,7 +8,6 @@ iteration; the driver only solves per voxel and filters.
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,17 +19,18 @@ from dva.em.finish import principal_axes, subspace_angle_deg
 from dva.em.mean import noise_from_power, solve_mean
 from dva.em.model import Model, fourier_stack, scale_prior
 from dva.em.mstep import band_filter, random_components, regularize, solve_components
+from dva.engine.checkpoint import Checkpoint, check_identity, load_checkpoint, save_checkpoint
 from dva.engine.cluster import Cluster
+from dva.engine.placement import place_chunks
 from dva.engine.reduce import tree_sum
-from dva.engine.tasks import em_coordinates, em_partial, load_chunk, mean_partial
+from dva.engine.tasks import em_coordinates, em_partial, mean_partial
 from dva.errors import DvaInputError
 from dva.io.mask import load_mask
-from dva.io.store import open_store
+from dva.io.store import open_store, store_location
 from dva.ops.filters import to_fourier, to_real
 from dva.ops.fsc import fsc, resolution_A
 
 EPS = 0.01  # E-step ridge, relative to tr(G_i)/K
-MIN_TASK = 64  # fewest particles per task
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,8 @@ class Result:
     timings: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)
     halves: dict | None = None  # split-half validation (`--halfsets`), see `compare_halves`
+    resident_particles: int = 0  # kept in worker memory between passes (the rest were re-read)
+    resumed_at_iteration: int | None = None  # where `--resume` continued from a checkpoint
 
 
 @dataclass(frozen=True)
@@ -119,32 +121,6 @@ def compare_halves(components: list[np.ndarray], z: list[np.ndarray], pixel_size
     }
 
 
-def task_ranges(n: int, chunk: int, workers: int) -> list[tuple[int, int]]:
-    """Particle ranges of the tasks: each store chunk split into equal pieces, so that every worker
-    gets at least two tasks and no task spans two zarr chunks."""
-    target = max(MIN_TASK, -(-n // (2 * workers)))
-    ranges = []
-    for lo in range(0, n, chunk):
-        hi = min(lo + chunk, n)
-        pieces = -(-(hi - lo) // target)
-        edges = [lo + (hi - lo) * i // pieces for i in range(pieces + 1)]
-        ranges += list(itertools.pairwise(edges))
-    return ranges
-
-
-def place_chunks(client, store: str, n: int, chunk: int, box: int, backend: str) -> tuple[list, list]:
-    """Task ranges of the first `n` particles and their chunk futures, read and prepared on the
-    workers and dealt round-robin, so each stays on one worker (tasks are then pinned to it)."""
-    client.wait_for_workers(1)
-    addresses = sorted(client.ncores())  # asks the scheduler now (scheduler_info() may be stale)
-    ranges = task_ranges(n, chunk, len(addresses))
-    chunks = [
-        client.submit(load_chunk, store, a, b, box, backend, pure=False, workers=[addresses[i % len(addresses)]])
-        for i, (a, b) in enumerate(ranges)
-    ]
-    return ranges, chunks
-
-
 def _check(params: RunParams, box_in: int, pixel_in: float) -> tuple[int, float]:
     box = params.box or box_in
     if params.box is None and box_in % 2:
@@ -169,16 +145,52 @@ def _check(params: RunParams, box_in: int, pixel_in: float) -> tuple[int, float]
     return box, pixel
 
 
+def _identity(store: str, particles: int, params: RunParams) -> dict:
+    """What a checkpoint must have been written with to be resumed: the data and every parameter
+    but the number of iterations and the half-set validation (both may change on resume)."""
+    identity = {"store": store, "particles": particles, **asdict(params)}
+    for free in ("iterations", "halfsets"):
+        identity.pop(free)
+    return identity
+
+
+def resume_point(checkpoint: Path | None, store: str | Path, params: RunParams) -> Checkpoint:
+    """The checkpoint a `--resume` of `params` on `store` continues from, checked against them."""
+    if checkpoint is None:
+        raise DvaInputError("--resume needs the run's output folder (its checkpoint/)")
+    saved = load_checkpoint(checkpoint)
+    store = store_location(store)
+    images, _, _ = open_store(store)
+    check_identity(
+        checkpoint,
+        saved.identity,
+        _identity(store, min(images.shape[0], params.max_particles or images.shape[0]), params),
+    )
+    if saved.iteration > params.iterations:
+        raise DvaInputError(
+            f"{checkpoint}: the checkpoint is at iteration {saved.iteration}, past --iterations {params.iterations}"
+        )
+    return saved
+
+
 def run_3dva(
     store: str | Path,
     mask_path: str | Path,
     params: RunParams,
     cluster: Cluster,
     progress: Callable[[dict], None] | None = None,
+    *,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    resident_bytes: int | None = None,
 ) -> Result:
-    """Fit the mean and `params.modes` components to the particles of `store`; `progress` gets each
-    iteration's metrics."""
-    store = str(Path(store).absolute())
+    """Fit the mean and `params.modes` components to the particles of `store` (a path or URL);
+    `progress` gets each iteration's metrics.
+
+    With `checkpoint` (a folder) the state is saved there after the mean pass and after every
+    iteration; `resume` continues from it. `resident_bytes` caps the prepared chunks each worker
+    keeps between passes (default: from its memory; the rest are re-read every pass)."""
+    store = store_location(store)
     t0 = time.perf_counter()
     images, table, attrs = open_store(store)
     if not table.attrs["has_poses"]:
@@ -191,45 +203,57 @@ def run_3dva(
     filt = band_filter(
         box, pixel, params.filter_res_A, params.filter_order, params.highpass_res_A, params.highpass_order
     )
+    identity = _identity(store, n, params)
+    saved = resume_point(checkpoint, store, params) if resume else None
     client, backend = cluster.client, cluster.backend
-    ranges, chunks = place_chunks(client, store, n, images.chunks[0], box, backend)
-    mean_parts = [client.submit(mean_partial, c, box, params.scale, backend, pure=False) for c in chunks]
-    mean_stats = tree_sum(client, mean_parts).result()
-    owners = {f.key: next(iter(w)) for f, w in zip(chunks, client.who_has(chunks).values(), strict=True) if w}
-    mean = solve_mean(mean_stats["num"][0], mean_stats["den"][0], box)
-    # Data sign (DESIGN.md §1): protein density is positive; a low-passed mean that is negative
-    # inside the mask means the stored images are black on white, so they are used negated.
-    data_sign = 1.0 if float((to_real(to_fourier(mean) * filt) * mask).sum()) >= 0 else -1.0
-    mean = mean * data_sign
-    noise_inverse = noise_from_power(mean_stats, params.noise == "white")
-    comps = random_components(params.modes, mask, filt, np.random.default_rng(params.seed))
-    timings = {"mean_s": time.perf_counter() - t0}
+    placement = place_chunks(client, store, n, images.chunks[0], box, backend, resident_bytes)
     metrics: list[dict] = []
+    if saved is None:
+        mean_parts = placement.submit(client, mean_partial, box, params.scale, backend)
+        mean_stats = tree_sum(client, mean_parts).result()
+        mean = solve_mean(mean_stats["num"][0], mean_stats["den"][0], box)
+        # Data sign (DESIGN.md §1): protein density is positive; a low-passed mean that is negative
+        # inside the mask means the stored images are black on white, so they are used negated.
+        data_sign = 1.0 if float((to_real(to_fourier(mean) * filt) * mask).sum()) >= 0 else -1.0
+        comps = random_components(params.modes, mask, filt, np.random.default_rng(params.seed))
+        state = State(mean * data_sign, comps, noise_from_power(mean_stats, params.noise == "white"), None)
+        start = 0
+    else:
+        state = State(saved.mean, saved.components, saved.noise_inverse, saved.prior)
+        data_sign, metrics, start = saved.data_sign, saved.metrics, saved.iteration
+    placement.locate(client)
+    timings = {"mean_s": time.perf_counter() - t0}
 
-    state = State(mean, comps, noise_inverse, None)
+    def save(iteration: int, coordinates: np.ndarray) -> None:
+        if checkpoint is not None:
+            save_checkpoint(
+                checkpoint,
+                Checkpoint(
+                    iteration=iteration,
+                    mean=state.mean,
+                    components=state.components,
+                    noise_inverse=state.noise_inverse,
+                    prior=state.prior,
+                    data_sign=data_sign,
+                    metrics=metrics,
+                    identity=identity,
+                    coordinates=coordinates,
+                ),
+            )
+
+    if saved is None:
+        save(0, np.zeros((0, params.modes + 1), np.float32))
 
     def submit(function, state: State, components: np.ndarray, keep: list | None) -> list:
         model = Model(
             fourier_stack(state.mean, components), state.noise_inverse, EPS, params.scale, data_sign, state.prior
         )
         model = client.scatter(model, broadcast=True, hash=False)
-        return [
-            client.submit(
-                function,
-                c,
-                model,
-                box,
-                backend,
-                None if keep is None else keep[i],
-                pure=False,
-                workers=owners.get(c.key),
-                allow_other_workers=True,
-            )
-            for i, c in enumerate(chunks)
-        ]
+        return placement.submit(client, function, model, box, backend, per_task=keep)
 
-    def iterate(state: State, keep: list | None) -> tuple[State, dict]:
-        """One E/M pass over the particles (those of `keep` per task when given)."""
+    def iterate(state: State, keep: list | None) -> tuple[State, dict, np.ndarray]:
+        """One E/M pass over the particles (those of `keep` per task when given); also the
+        E-step's coordinates and scales `(n, K+1)`."""
         t_it = time.perf_counter()
         stats = tree_sum(client, submit(em_partial, state, state.components, keep)).result()
         count = int(stats["particles"])
@@ -248,7 +272,8 @@ def run_3dva(
         if params.scale == "optimal":
             prior = scale_prior(stats["alpha_moments"], count)
             metric.update(scale_mean=prior[0], scale_std=prior[1] ** 0.5)
-        return State(mean, new, noise_from_power(stats, params.noise == "white"), prior), metric
+        state = State(mean, new, noise_from_power(stats, params.noise == "white"), prior)
+        return state, metric, np.concatenate(stats["coordinates"])
 
     def coordinates(state: State, components: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """z `(N, K)`, α `(N,)` and the mean E-step noise covariance with `components`."""
@@ -256,9 +281,10 @@ def run_3dva(
         z = np.concatenate([c["z"] for c in coords])
         return z, np.concatenate([c["alpha"] for c in coords]), sum(c["zcov"] for c in coords) / len(z)
 
-    for it in range(params.iterations):
-        state, metric = iterate(state, None)
+    for it in range(start, params.iterations):
+        state, metric, estep = iterate(state, None)
         metrics.append({"iteration": it + 1, **metric})
+        save(it + 1, estep)
         if progress is not None:
             progress(metrics[-1])
 
@@ -274,17 +300,18 @@ def run_3dva(
         labels = halfset_labels(table["halfset"].to_numpy()[:n], params.seed)
         fitted = []
         for h in (0, 1):
-            keep = [labels[a:b] == h for a, b in ranges]
+            keep = [labels[a:b] == h for a, b in placement.ranges]
             # Independent: each half starts from its own random components (gold standard).
-            start = random_components(params.modes, mask, filt, np.random.default_rng([params.seed, 3, h]))
-            half = State(mean, start, state.noise_inverse, state.prior)
+            initial = random_components(params.modes, mask, filt, np.random.default_rng([params.seed, 3, h]))
+            half = State(mean, initial, state.noise_inverse, state.prior)
             for _ in range(params.iterations):
-                half, _ = iterate(half, keep)
+                half, _, _ = iterate(half, keep)
             fitted.append((half, align(half.components, components)))
         zs = [coordinates(half, aligned)[0] for half, aligned in fitted]
         halves = compare_halves([aligned for _, aligned in fitted], zs, pixel)
         halves["particles"] = [int((labels == h).sum()) for h in (0, 1)]
         timings["halfsets_s"] = time.perf_counter() - t_half
+    placement.release(client)
     timings["total_s"] = time.perf_counter() - t0
     return Result(
         mean=mean,
@@ -300,4 +327,6 @@ def run_3dva(
         timings=timings,
         params=asdict(params),
         halves=halves,
+        resident_particles=placement.resident,
+        resumed_at_iteration=None if saved is None else saved.iteration,
     )

@@ -12,10 +12,10 @@ import numpy as np
 
 from dva.em.mean import solve_mean
 from dva.engine.cluster import Cluster
-from dva.engine.loop import place_chunks
+from dva.engine.placement import place_chunks
 from dva.engine.reduce import tree_sum
 from dva.engine.tasks import mean_partial
-from dva.io.store import open_store
+from dva.io.store import open_store, store_location
 
 MAX_GROUPS = 32  # subsets per pass (each task holds 3·G volumes of float64)
 
@@ -25,18 +25,17 @@ def reconstruct_subsets(
 ) -> np.ndarray:
     """Volumes `(G, D, D, D)` float32 in map units of the subsets `weights (N, G)` of the store's first N
     particles, Fourier-cropped to `box`; `data_sign` as the run applied it."""
-    store = str(Path(store).absolute())
+    store = store_location(store)
     images, _, _ = open_store(store)
     client, backend = cluster.client, cluster.backend
-    ranges, chunks = place_chunks(client, store, len(weights), images.chunks[0], box, backend)
+    placement = place_chunks(client, store, len(weights), images.chunks[0], box, backend)
     volumes = []
     for lo in range(0, weights.shape[1], MAX_GROUPS):
         part = np.ascontiguousarray(weights[:, lo : lo + MAX_GROUPS], dtype=np.float64)
-        sums = [
-            client.submit(mean_partial, c, box, scale, backend, part[a:b], pure=False)
-            for c, (a, b) in zip(chunks, ranges, strict=True)
-        ]
-        stats = tree_sum(client, sums).result()
+        per_task = [part[a:b] for a, b in placement.ranges]
+        stats = tree_sum(
+            client, placement.submit(client, mean_partial, box, scale, backend, per_task=per_task)
+        ).result()
         volumes += [solve_mean(stats["num"][g], stats["den"][g], box) * data_sign for g in range(part.shape[1])]
-    client.cancel(chunks)
+    placement.release(client)
     return np.stack(volumes).astype(np.float32)

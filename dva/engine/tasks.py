@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from types import ModuleType
 
 import numpy as np
@@ -26,14 +27,40 @@ def array_module(backend: str) -> ModuleType:
     return np
 
 
-def load_chunk(store: str, start: int, stop: int, box: int, backend: str) -> Chunk:
-    """Read particles `start:stop` of the store on this worker and prepare them (stays resident)."""
-    xp = array_module(backend)
-    root = zarr.open_group(store, mode="r")
-    images = root["images"][start:stop]
-    table = xr.open_zarr(store, group="particles", consolidated=False).isel(particle=slice(start, stop))
+@dataclass(frozen=True)
+class ChunkSource:
+    """Where a task finds particles `start:stop` of a store (path or fsspec URL), prepared at `box`."""
+
+    store: str
+    start: int
+    stop: int
+    box: int
+    backend: str
+
+
+def load_chunk(source: ChunkSource) -> Chunk:
+    """Read `source`'s particles on this worker and prepare them."""
+    xp = array_module(source.backend)
+    root = zarr.open_group(source.store, mode="r")
+    images = root["images"][source.start : source.stop]
+    table = xr.open_zarr(source.store, group="particles", consolidated=False)
+    table = table.isel(particle=slice(source.start, source.stop))
     rows = {name: table[name].to_numpy() for name in ROW_FIELDS}
-    return prepare_chunk(images, rows, _band(box, backend), int(root.attrs["original_box"]), xp)
+    return prepare_chunk(images, rows, _band(source.box, source.backend), int(root.attrs["original_box"]), xp)
+
+
+def store_error(store: str) -> str | None:
+    """Why this worker cannot read the store's images (None when it can)."""
+    try:
+        zarr.open_group(store, mode="r")["images"]
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _resolve(chunk: Chunk | ChunkSource) -> Chunk:
+    """A resident chunk as it is; a streamed one read now (and dropped after the task)."""
+    return load_chunk(chunk) if isinstance(chunk, ChunkSource) else chunk
 
 
 @functools.lru_cache(maxsize=4)
@@ -47,9 +74,11 @@ def _host(d: dict) -> dict:
     return {k: (v.get() if hasattr(v, "get") and not isinstance(v, float) else v) for k, v in d.items()}
 
 
-def mean_partial(chunk: Chunk, box: int, scale: str, backend: str, weights: np.ndarray | None = None) -> dict:
+def mean_partial(
+    chunk: Chunk | ChunkSource, box: int, scale: str, backend: str, weights: np.ndarray | None = None
+) -> dict:
     """Reconstruction sums of one chunk: the mean, or with `weights (n, G)` G particle subsets."""
-    return _host(mean_statistics(chunk, _band(box, backend), scale, array_module(backend), weights))
+    return _host(mean_statistics(_resolve(chunk), _band(box, backend), scale, array_module(backend), weights))
 
 
 def _on_device(model: Model, backend: str) -> Model:
@@ -64,18 +93,32 @@ def _on_device(model: Model, backend: str) -> Model:
     )
 
 
-def em_partial(chunk: Chunk, model: Model, box: int, backend: str, keep: np.ndarray | None = None) -> dict:
-    """Summable statistics of one chunk (of its `keep` particles when given) for the M-step."""
-    out = em_statistics(chunk, _on_device(model, backend), _band(box, backend), keep=keep, xp=array_module(backend))
-    for unused in ("z", "alpha", "zcov"):
-        out.pop(unused)
-    return _host(out)
+def em_partial(
+    chunk: Chunk | ChunkSource, model: Model, box: int, backend: str, keep: np.ndarray | None = None
+) -> dict:
+    """Summable statistics of one chunk (of its `keep` particles when given) for the M-step, and
+    `coordinates`: a one-item list (lists add up by concatenation) of the E-step's z and α `(n, K+1)`."""
+    out = _host(
+        em_statistics(
+            _resolve(chunk), _on_device(model, backend), _band(box, backend), keep=keep, xp=array_module(backend)
+        )
+    )
+    out["coordinates"] = [np.concatenate([out.pop("z"), out.pop("alpha")[:, None]], axis=1).astype(np.float32)]
+    out.pop("zcov")
+    return out
 
 
-def em_coordinates(chunk: Chunk, model: Model, box: int, backend: str, keep: np.ndarray | None = None) -> dict:
+def em_coordinates(
+    chunk: Chunk | ChunkSource, model: Model, box: int, backend: str, keep: np.ndarray | None = None
+) -> dict:
     """Coordinates `z (n, K)`, scales `alpha (n,)` and summed noise covariance `zcov` of one chunk
     (of its `keep` particles when given)."""
     out = em_statistics(
-        chunk, _on_device(model, backend), _band(box, backend), statistics=False, keep=keep, xp=array_module(backend)
+        _resolve(chunk),
+        _on_device(model, backend),
+        _band(box, backend),
+        statistics=False,
+        keep=keep,
+        xp=array_module(backend),
     )
     return _host({"z": out["z"], "alpha": out["alpha"], "zcov": out["zcov"]})

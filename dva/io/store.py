@@ -166,9 +166,15 @@ def import_particles(
     return out
 
 
+def store_location(path: str | Path) -> str:
+    """How workers name a store: an fsspec URL (`s3://…`, `gs://…`, `file://…`) as it is, else the
+    absolute path."""
+    return str(path) if "://" in str(path) else str(Path(path).absolute())
+
+
 def open_store(path: str | Path) -> tuple[zarr.Array, xr.Dataset, dict]:
-    """The images array, the per-particle table and the attributes of a dva store."""
-    path = Path(path)
+    """The images array, the per-particle table and the attributes of a dva store (path or fsspec URL)."""
+    path = store_location(path)
     try:
         root = zarr.open_group(path, mode="r")
         attrs = dict(root.attrs)

@@ -1,0 +1,63 @@
+"""Which chunks stay resident and which are streamed; a store named by an fsspec URL."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from dva.em.chunk import chunk_bytes_per_particle, make_band
+from dva.engine.cluster import connect
+from dva.engine.loop import RunParams, run_3dva
+from dva.engine.placement import task_ranges
+from dva.io.star import read_star
+from dva.io.store import import_particles
+from dva.sim.simulate import simulate_dataset
+
+
+def test_task_ranges_cover_the_particles_once_within_store_chunks():
+    ranges = task_ranges(1000, 300, 2)
+    assert ranges[0][0] == 0 and ranges[-1][1] == 1000
+    assert all(b == c for (_, b), (c, _) in itertools.pairwise(ranges))
+    assert all(a // 300 == (b - 1) // 300 for a, b in ranges)  # no task spans two zarr chunks
+    assert len(task_ranges(100_000, 100, 2)) == 1000  # one task per small chunk: O(chunks)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("placement")
+    sim = simulate_dataset(tmp / "sim", "tiny", particles=600, seed=3)
+    import_particles(read_star(sim / "particles.star"), tmp / "s.zarr", chunk_size=100)
+    return tmp / "s.zarr", sim / "mask.mrc"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = connect(workers=2, gpus="none")
+    yield c
+    c.close()
+
+
+PARAMS = RunParams(filter_res_A=12.0, modes=2, iterations=3)
+
+
+def test_streamed_and_partly_resident_runs_equal_the_resident_run(store, cluster):
+    path, mask = store
+    resident = run_3dva(path, mask, PARAMS, cluster)
+    assert resident.resident_particles == 600
+    streamed = run_3dva(path, mask, PARAMS, cluster, resident_bytes=0)
+    assert streamed.resident_particles == 0
+    two_chunks = 2 * 100 * chunk_bytes_per_particle(make_band(32))
+    partly = run_3dva(path, mask, PARAMS, cluster, resident_bytes=two_chunks)
+    assert partly.resident_particles == 400  # two of its three chunks per worker
+    for other in (streamed, partly):
+        np.testing.assert_array_equal(other.components, resident.components)
+        np.testing.assert_array_equal(other.z, resident.z)
+
+
+def test_a_store_url_reads_through_fsspec(store, cluster):
+    path, mask = store
+    by_path = run_3dva(path, mask, PARAMS, cluster)
+    by_url = run_3dva(f"file://{path}", mask, PARAMS, cluster)
+    np.testing.assert_array_equal(by_url.z, by_path.z)
