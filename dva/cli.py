@@ -448,6 +448,14 @@ def bench(
         f"median {found['median_iteration_s']:.2f} s per iteration = {found['particles_per_s']:,.0f} particles/s; "
         f"peak memory per worker {', '.join(f'{m:.0f}' for m in found['peak_worker_rss_mb'])} MB"
     )
+    floor, work = found["floor"], found["floor"]["work"]
+    print(
+        f"floor at {floor['ceilings']['device']}: {work['band_pixels']:,} band pixels per image; per iteration "
+        f"{work['bytes_resident'] / 1e9:.2f} GB read, {work['gathers'] / 1e9:.2f} G gathers, "
+        f"{work['scatter_adds'] / 1e9:.2f} G scatter-adds → {floor['floor_s']:.3f} s "
+        f"(memory {floor['memory_s']:.3f}, gather {floor['gather_s']:.3f}, scatter {floor['scatter_s']:.3f}); "
+        f"measured {floor['measured_s']:.2f} s = {floor['measured_over_floor']:.1f}× the floor"
+    )
 
 
 def _component_list(text: str | None, modes: int) -> list[int]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from dva.engine.cluster import connect
+from dva.engine.floor import H100, floor_report, measure_cpu_ceilings
 from dva.engine.loop import RunParams, run_3dva
 from dva.io.star import read_star
 from dva.io.store import import_particles
@@ -32,7 +33,8 @@ def bench(
     iterations: int = 3,
     scheduler: str | None = None,
 ) -> dict:
-    """Per-iteration times, particles per second per iteration and peak memory per worker."""
+    """Per-iteration times, particles per second per iteration, peak memory per worker, and the
+    floor model (`dva.engine.floor`) at the backend's ceilings."""
     with tempfile.TemporaryDirectory(prefix="dva-bench-") as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
@@ -50,6 +52,7 @@ def bench(
             cluster.close()
     times = [m["seconds"] for m in result.metrics]
     median = float(np.median(times))
+    ceilings = H100 if cluster.backend == "cupy" else measure_cpu_ceilings(n_workers)
     return {
         "particles": particles,
         "box": box,
@@ -63,4 +66,5 @@ def bench(
         "mean_pass_s": result.timings["mean_s"],
         "prepare_s": prepare_s,
         "peak_worker_rss_mb": sorted(round(v, 1) for v in peaks.values()),
+        "floor": floor_report(particles, result.box, modes, ceilings, median),
     }

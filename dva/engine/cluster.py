@@ -17,6 +17,9 @@ from distributed.security import Security
 from dva.errors import DvaInputError
 
 MMAP_THRESHOLD = 2**30  # bytes
+# dva keeps what fits resident and re-reads the rest from the store (dva.engine.placement): dask's
+# own spilling of those chunks to local disk would only be a slower copy of the store.
+NO_SPILL = {"distributed.worker.memory.target": False, "distributed.worker.memory.spill": False}
 
 
 @dataclass
@@ -105,7 +108,7 @@ def connect(
     if gpus != "none" and gpu_count() > 0:
         from dask_cuda import LocalCUDACluster
 
-        with _workers_ignore_ctrl_c():
+        with dask.config.set(NO_SPILL), _workers_ignore_ctrl_c():
             local = LocalCUDACluster(
                 CUDA_VISIBLE_DEVICES=gpus,
                 threads_per_worker=1,
@@ -117,7 +120,7 @@ def connect(
     # dask sets MALLOC_TRIM_THRESHOLD_ in workers, which also pins glibc's mmap threshold: every
     # large temporary is then mmapped and unmapped, and the E/M pass ran 2x slower. Keep them on the heap.
     with (
-        dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}),
+        dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD, **NO_SPILL}),
         _workers_ignore_ctrl_c(),
     ):
         local = LocalCluster(

@@ -2,7 +2,7 @@
 
 The store's chunks are split into tasks and dealt round-robin to the workers. Each worker keeps
 its chunks prepared and resident (host memory on CPU workers, device memory on GPU workers) while
-they fit in `RESIDENT_FRACTION` of its memory; the rest are streamed: read from the store and
+they fit in `RESIDENT_FRACTION` of the memory it has left; the rest are streamed: read from the store and
 prepared again inside every task that needs them, then dropped. Tasks are pinned to their worker
 but may move when it is gone (dask then recomputes what was lost).
 """
@@ -13,6 +13,7 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import psutil
 from distributed import Client, Future
 
 from dva.em.chunk import chunk_bytes_per_particle, make_band
@@ -20,7 +21,7 @@ from dva.engine.tasks import ChunkSource, load_chunk, store_error
 from dva.errors import DvaInputError
 
 MIN_TASK = 64  # fewest particles per task
-RESIDENT_FRACTION = 0.4  # of a worker's memory limit (host) or of its GPU's memory (device)
+RESIDENT_FRACTION = 0.4  # of the memory a worker has left under its limit (host), or of its GPU's free memory
 
 
 @dataclass
@@ -78,13 +79,17 @@ def task_ranges(n: int, chunk: int, workers: int) -> list[tuple[int, int]]:
 
 
 def _memory_budget(backend: str, dask_worker=None) -> int | None:
-    """Bytes of prepared chunks this worker may keep (None: no limit known)."""
+    """Bytes of prepared chunks this worker may keep: a fraction of the memory it has left (of its
+    GPU's memory on GPU workers; None: no limit known)."""
     if backend == "cupy":
         import cupy
 
-        return int(RESIDENT_FRACTION * cupy.cuda.runtime.memGetInfo()[1])
+        return int(RESIDENT_FRACTION * cupy.cuda.runtime.memGetInfo()[0])
     limit = dask_worker.memory_manager.memory_limit
-    return int(RESIDENT_FRACTION * limit) if limit else None
+    if not limit:
+        return None
+    used = psutil.Process().memory_info().rss  # the worker's own start-up (libraries, buffers)
+    return max(0, int(RESIDENT_FRACTION * (limit - used)))
 
 
 def place_chunks(

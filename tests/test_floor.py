@@ -1,0 +1,62 @@
+"""The floor model's counts against a brute-force count, and its arithmetic."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dva.em.estep import pair_index
+from dva.engine.floor import H100, Ceilings, floor_seconds, iteration_work, measure_cpu_ceilings
+
+
+def test_work_counts_match_a_brute_force_count():
+    box, k, n = 16, 3, 10
+    # Band: rfft half-plane pixels with |k| ≤ box//2 − 1 (in pixels of frequency), counted one by one.
+    pixels = sum(
+        1
+        for ky in range(box)
+        for kx in range(box // 2 + 1)
+        if ((ky if ky < box // 2 else ky - box) ** 2 + kx**2) <= (box // 2 - 1) ** 2
+    )
+    work = iteration_work(n, box, k)
+    assert work.band_pixels == pixels
+    channels = len(pair_index(k)) + 2 * k  # G (a ≤ b) and b (re, im), as the E-step inserts them
+    assert channels == 12
+    assert work.scatter_adds == n * pixels * 8 * channels
+    assert work.gathers == n * pixels * 8 * (k + 1) * 2
+    assert work.bytes_resident == n * pixels * (8 + 4)
+    assert work.bytes_stored == n * box * box * 4
+
+
+def test_floor_is_the_slowest_part():
+    work = iteration_work(100_000, 128, 3)
+    floor = floor_seconds(work, H100)
+    assert floor["floor_s"] == max(floor["memory_s"], floor["gather_s"], floor["scatter_s"])
+    assert np.isclose(floor["scatter_s"], work.scatter_adds / 72e9)
+    slow_read = Ceilings("slow disk", 1000.0, 100.0, 100.0, read_GBps=0.1)
+    assert floor_seconds(work, slow_read, streamed=True)["floor_s"] == work.bytes_stored / 0.1e9
+
+
+def test_cpu_ceilings_are_measured_per_worker():
+    one, two = measure_cpu_ceilings(1, repeats=1), measure_cpu_ceilings(2, repeats=1)
+    for c in (one, two):
+        assert 0 < c.scatter_Gps < 100 and 0 < c.gather_Gps < 100 and 0 < c.memory_GBps < 1000
+    assert two.device.startswith("2 CPU")
+
+
+def test_bench_reports_a_floor_below_the_measured_time():
+    import json
+
+    from typer.testing import CliRunner
+
+    from dva.cli import app
+
+    r = CliRunner().invoke(
+        app,
+        ["bench", "--particles", "600", "--box", "32", "--modes", "2", "--iterations", "2", "--workers", "1", "--json"],
+    )
+    assert r.exit_code == 0, r.output
+    found = json.loads(r.output.strip().splitlines()[-1])
+    floor = found["floor"]
+    assert floor["work"]["particles"] == 600 and floor["ceilings"]["device"].startswith("1 CPU")
+    assert floor["measured_s"] == found["median_iteration_s"]
+    assert floor["measured_over_floor"] > 1  # nothing runs faster than its primitives allow
