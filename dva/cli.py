@@ -16,7 +16,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from dva import __version__
-from dva.errors import DvaFormatWarning, DvaInputError
+from dva.errors import DvaClusterError, DvaFormatWarning, DvaInputError
 from dva.io.results import write_results
 from dva.io.table import check_source
 
@@ -54,7 +54,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 @contextmanager
 def _user_errors() -> Iterator[None]:
-    """Print format warnings and a DvaInputError as one line each on stderr; exit code 2 on error."""
+    """Print format warnings, a DvaInputError (exit code 2) and a DvaClusterError (exit code 1) as one
+    line each on stderr."""
     # SIGTERM unwinds like Ctrl-C, so temporary outputs are removed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     with warnings.catch_warnings():
@@ -65,6 +66,9 @@ def _user_errors() -> Iterator[None]:
         except DvaInputError as exc:
             print(f"dva: error: {exc}", file=sys.stderr)
             raise typer.Exit(2) from None
+        except DvaClusterError as exc:
+            print(f"dva: error: {exc}", file=sys.stderr)
+            raise typer.Exit(1) from None
 
 
 @contextmanager
@@ -420,6 +424,9 @@ def bench(
     gpus: Annotated[str | None, typer.Option(help="GPUs to use (e.g. 0,1), or none.")] = None,
     iterations: Annotated[int, typer.Option(help="Iterations to time.")] = 3,
     scheduler: Annotated[str | None, typer.Option(help="Address of a running dask scheduler.")] = None,
+    streamed: Annotated[
+        bool, typer.Option(help="Keep no chunk resident: re-read all from the store every pass.")
+    ] = False,
     json_line: Annotated[bool, typer.Option("--json", help="Print one JSON line only.")] = False,
 ) -> None:
     """Benchmark the E/M iterations: time per iteration, particles/s, peak memory per worker."""
@@ -437,6 +444,7 @@ def bench(
             gpus=gpus,
             iterations=iterations,
             scheduler=scheduler,
+            streamed=streamed,
         )
     if json_line:
         print(json.dumps(found))

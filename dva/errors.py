@@ -10,5 +10,11 @@ class DvaInputError(Exception):
     """
 
 
+class DvaClusterError(Exception):
+    """A pass that the cluster could not finish (its workers kept being lost); the message says what
+    was lost and that `--resume` continues. Caught once in the CLI, one line on stderr, exit code 1.
+    """
+
+
 class DvaFormatWarning(UserWarning):
     """Input that dva can use but that a user should know about (printed as one line)."""

@@ -2,7 +2,8 @@
 
 Images are transformed once (`rfft2(ifftshift(img))`, unnormalised, so a projection's transform
 equals the volume's `fftn` on the central slice), shifted to centre (`× exp(−2πi k·t)`) and
-reduced to the pixels of the band: the half-plane kx ≥ 0 of a disc of radius `box//2 − 1`.
+reduced to the pixels of the band: the half-plane kx ≥ 0 of a disc of radius `box//2 − 1`,
+in order of increasing radius (so an annulus of the band is a range of its pixels).
 The other half is the complex conjugate; `Band.multiplicity` counts each sample for both
 (2 for kx > 0, 1 on the kx = 0 column, which holds both members of each pair).
 """
@@ -18,15 +19,21 @@ from dva.ops.ctf import ctf_2d
 from dva.ops.filters import radius_3d
 from dva.ops.fourier import fourier_crop
 
+# Filter weight below which the components count as zero (`filter_pixels`): their slices and the
+# M-step statistics skip those Fourier pixels.
+BAND_TOLERANCE = 0.0
+
 
 @dataclass(frozen=True)
 class Band:
-    """The 2D frequencies processed, `(P,)` each: cycles/pixel, shell index, multiplicity in the full
-    plane, and the flat index into the `(box, box//2 + 1)` rfft2 layout."""
+    """The 2D frequencies processed, `(P,)` each, by increasing radius: cycles/pixel, radius in
+    pixels, shell index, multiplicity in the full plane, and the flat index into the
+    `(box, box//2 + 1)` rfft2 layout."""
 
     box: int
     kx: np.ndarray
     ky: np.ndarray
+    radius: np.ndarray
     shell: np.ndarray
     multiplicity: np.ndarray
     flat: np.ndarray
@@ -46,19 +53,36 @@ def inside_band_3d(box: int, xp: ModuleType = np):
 
 
 def make_band(box: int, xp: ModuleType = np) -> Band:
-    """Every pixel of the `box`² rfft2 half-plane with |k| ≤ (box//2 − 1)/box cycles/pixel."""
+    """Every pixel of the `box`² rfft2 half-plane with |k| ≤ (box//2 − 1)/box cycles/pixel, by radius."""
     ky, kx = xp.meshgrid(xp.fft.fftfreq(box), xp.fft.rfftfreq(box), indexing="ij")
-    radius = xp.sqrt(kx * kx + ky * ky) * box
-    flat = xp.flatnonzero((radius <= box // 2 - 1).ravel())
-    kx, ky = kx.ravel()[flat], ky.ravel()[flat]
+    radius = (xp.sqrt(kx * kx + ky * ky) * box).ravel()
+    flat = xp.flatnonzero(radius <= box // 2 - 1)
+    flat = flat[xp.argsort(radius[flat], kind="stable")]
+    kx, ky, radius = kx.ravel()[flat], ky.ravel()[flat], radius[flat]
     return Band(
         box=box,
         kx=kx,
         ky=ky,
-        shell=xp.rint(radius.ravel()[flat]).astype(xp.int64),
+        radius=radius,
+        shell=xp.rint(radius).astype(xp.int64),
         multiplicity=xp.where(kx > 0, 2.0, 1.0),
         flat=flat,
     )
+
+
+def filter_pixels(band: Band, filt, tolerance: float) -> tuple[int, int]:
+    """The range `[lo, hi)` of the band's pixels whose trilinear samples can reach a voxel where the
+    centred filter volume `filt (D, D, D)` is at least `tolerance`; outside it, slices of filtered
+    volumes are below `tolerance` of their unfiltered amplitude. A sample at radius r reads voxels
+    within √3 pixels of it. NumPy only (the driver's work)."""
+    radius = radius_3d(band.box).ravel() * band.box
+    strong = radius[np.asarray(filt).ravel() >= tolerance]
+    if strong.size == 0:
+        return 0, 0
+    pixel_radius = np.asarray(band.radius)
+    lo = int(np.searchsorted(pixel_radius, strong.min() - np.sqrt(3), side="left"))
+    hi = int(np.searchsorted(pixel_radius, strong.max() + np.sqrt(3), side="right"))
+    return lo, hi
 
 
 @dataclass(frozen=True)

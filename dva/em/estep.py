@@ -4,6 +4,8 @@ With slices `s_ik = c_i · S_i V_k` (k = 0..K) and noise weights W = 1/σ²:
 `G_i = Re(S_iᴴ W S_i)`, `b_i = Re(S_iᴴ W (y_i − α_i s_i0))`, `z_i = (G_i + ε·tr(G_i)/K·I)⁻¹ b_i / α_i`,
 where the optimal α_i is the least-squares scale of s_i0 fitted together with the components;
 then per sample the M-step channels `α² c² W z_a z_b` (a ≤ b) and `α c W r z_a` are inserted.
+The mean is sliced over the whole band (the scale, the residual power and the objective use it);
+the components only over `Model.pixels`, the pixels their filter leaves above its tolerance.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ def em_statistics(
         chunk = Chunk(chunk.y[chosen], chunk.ctf[chosen], chunk.rotation[chosen], chunk.scale[chosen])
     box, k = band.box, model.modes
     weight = model.noise_inverse[band.shell] * band.multiplicity  # (P,): W, counting both halves
+    inner = slice(*(model.pixels or (0, len(band.flat))))
+    mean_volume = xp.ascontiguousarray(model.volumes[:, :1])
+    component_volumes = xp.ascontiguousarray(model.volumes[:, 1:])
     pairs = pair_index(k)
     out = {
         "z": [],
@@ -61,11 +66,16 @@ def em_statistics(
         y, c = chunk.y[sl] * model.data_sign, chunk.ctf[sl]
         n = len(y)
         index, weights = trilinear_stencil(slice_coordinates(chunk.rotation[sl], band.kx, band.ky, box, xp), box, xp)
-        s = gather(model.volumes, index, weights).reshape(n, -1, k + 1) * c[..., None]
-        s0, comps = s[..., 0], s[..., 1:]
-        ws = s * weight[None, :, None]
+        s0 = gather(mean_volume, index, weights).reshape(n, -1) * c
+        index, weights = (a.reshape(n, -1, 8)[:, inner].reshape(-1, 8) for a in (index, weights))
+        comps = gather(component_volumes, index, weights).reshape(n, -1, k) * c[:, inner, None]
+        s = xp.concatenate([s0[:, inner, None], comps], axis=-1)  # (n, inner pixels, K+1)
+        ws = s * weight[None, inner, None]
         gram = xp.einsum("npk,npl->nkl", xp.conj(s), ws).real.astype(xp.float64)  # (n, K+1, K+1)
-        proj = xp.einsum("npk,np->nk", xp.conj(ws), y).real.astype(xp.float64)  # (n, K+1)
+        proj = xp.einsum("npk,np->nk", xp.conj(ws), y[:, inner]).real.astype(xp.float64)  # (n, K+1)
+        # The mean's terms over the whole band.
+        gram[:, 0, 0] = ((xp.abs(s0) ** 2) * weight).sum(-1)
+        proj[:, 0] = (xp.conj(s0) * weight * y).real.sum(-1)
         g = gram[:, 1:, 1:]
         ridge = (model.eps * xp.trace(g, axis1=1, axis2=2) / k + 1e-30)[:, None, None] * xp.eye(k)
         if model.scale == "optimal":
@@ -93,7 +103,8 @@ def em_statistics(
         z = xp.einsum("nkl,nl->nk", inverse, bvec) / alpha[:, None]
         out["zcov"] += (inverse / (alpha**2)[:, None, None]).sum(0)
         out["zsum"] += z.sum(0)
-        resid = r - alpha[:, None] * xp.einsum("npk,nk->np", comps, z.astype(comps.dtype))
+        resid = r.copy()
+        resid[:, inner] -= alpha[:, None] * xp.einsum("npk,nk->np", comps, z.astype(comps.dtype))
         res2 = xp.abs(resid) ** 2 * band.multiplicity
         out["objective"] += float((res2 * model.noise_inverse[band.shell]).sum())
         out["baseline"] += float(((xp.abs(r) ** 2) * weight).sum())
@@ -104,9 +115,10 @@ def em_statistics(
         out["alpha"].append(alpha)
         if statistics:
             za = alpha[:, None] * z  # α z
-            cw = c * (weight / 2)  # c W, each sample standing for itself and its mate (`symmetrize`)
+            c = c[:, inner]
+            cw = c * (weight[inner] / 2)  # c W, each sample standing for itself and its mate (`symmetrize`)
             values = [(c * cw) * (za[:, a, None] * za[:, b, None]) for a, b in pairs]
-            rw = cw * r
+            rw = cw * r[:, inner]
             values += [part for a in range(k) for part in ((rw * za[:, a, None]).real, (rw * za[:, a, None]).imag)]
             insert(xp.stack([v.ravel() for v in values], -1).astype(xp.float32), index, weights, sums, xp)
     if statistics:

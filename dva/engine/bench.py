@@ -32,9 +32,10 @@ def bench(
     gpus: str | None = None,
     iterations: int = 3,
     scheduler: str | None = None,
+    streamed: bool = False,
 ) -> dict:
     """Per-iteration times, particles per second per iteration, peak memory per worker, and the
-    floor model (`dva.engine.floor`) at the backend's ceilings."""
+    floor model (`dva.engine.floor`) at the backend's ceilings; `streamed` keeps no chunk resident."""
     with tempfile.TemporaryDirectory(prefix="dva-bench-") as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
@@ -45,7 +46,7 @@ def bench(
         cluster = connect(scheduler, workers=workers, gpus=gpus)
         try:
             params = RunParams(filter_res_A=4 * pixel, modes=modes, iterations=iterations)
-            result = run_3dva(tmp / "s.zarr", sim / "mask.mrc", params, cluster)
+            result = run_3dva(tmp / "s.zarr", sim / "mask.mrc", params, cluster, resident_bytes=0 if streamed else None)
             peaks = cluster.client.run(_peak_rss_mb)
             n_workers = len(peaks)
         finally:
@@ -60,6 +61,7 @@ def bench(
         "workers": n_workers,
         "backend": cluster.backend,
         "chunk_size": chunk_size,
+        "resident_particles": result.resident_particles,
         "iteration_s": times,
         "median_iteration_s": median,
         "particles_per_s": particles / median,

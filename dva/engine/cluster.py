@@ -18,8 +18,15 @@ from dva.errors import DvaInputError
 
 MMAP_THRESHOLD = 2**30  # bytes
 # dva keeps what fits resident and re-reads the rest from the store (dva.engine.placement): dask's
-# own spilling of those chunks to local disk would only be a slower copy of the store.
-NO_SPILL = {"distributed.worker.memory.target": False, "distributed.worker.memory.spill": False}
+# own spilling of those chunks to local disk would only be a slower copy of the store. Nor may a
+# worker pause: memory that the heap keeps after a task (see MMAP_THRESHOLD) does not go down while
+# it waits, and with every worker paused a run waits forever (seen under --memory-limit 800MB).
+# Workers are still restarted at 95% of the limit.
+NO_SPILL = {
+    "distributed.worker.memory.target": False,
+    "distributed.worker.memory.spill": False,
+    "distributed.worker.memory.pause": False,
+}
 
 
 @dataclass
@@ -118,11 +125,11 @@ def connect(
             )
         return Cluster(client=Client(local), backend="cupy", local=local)
     # dask sets MALLOC_TRIM_THRESHOLD_ in workers, which also pins glibc's mmap threshold: every
-    # large temporary is then mmapped and unmapped, and the E/M pass ran 2x slower. Keep them on the heap.
-    with (
-        dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD, **NO_SPILL}),
-        _workers_ignore_ctrl_c(),
-    ):
+    # large temporary is then mmapped and unmapped, and the E/M pass ran 2x slower. Keep them on the
+    # heap, except under a memory limit: the heap keeps what was freed, and workers held at 800 MB
+    # grew past it and were restarted.
+    heap = {} if memory_limit else {"distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}
+    with dask.config.set({**heap, **NO_SPILL}), _workers_ignore_ctrl_c():
         local = LocalCluster(
             n_workers=workers or os.cpu_count() or 1,
             threads_per_worker=1,

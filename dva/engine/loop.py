@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dva.em.chunk import BAND_TOLERANCE, filter_pixels, make_band
 from dva.em.finish import principal_axes, subspace_angle_deg
 from dva.em.mean import noise_from_power, solve_mean
 from dva.em.model import Model, fourier_stack, scale_prior
@@ -22,7 +23,6 @@ from dva.em.mstep import band_filter, random_components, regularize, solve_compo
 from dva.engine.checkpoint import Checkpoint, check_identity, load_checkpoint, save_checkpoint
 from dva.engine.cluster import Cluster
 from dva.engine.placement import place_chunks
-from dva.engine.reduce import tree_sum
 from dva.engine.tasks import em_coordinates, em_partial, mean_partial
 from dva.errors import DvaInputError
 from dva.io.mask import load_mask
@@ -51,6 +51,7 @@ class RunParams:
     seed: int = 0
     max_particles: int | None = None
     halfsets: bool = False
+    band_tolerance: float = BAND_TOLERANCE
 
 
 @dataclass
@@ -203,14 +204,14 @@ def run_3dva(
     filt = band_filter(
         box, pixel, params.filter_res_A, params.filter_order, params.highpass_res_A, params.highpass_order
     )
+    pixels = filter_pixels(make_band(box), filt, params.band_tolerance)
     identity = _identity(store, n, params)
     saved = resume_point(checkpoint, store, params) if resume else None
     client, backend = cluster.client, cluster.backend
     placement = place_chunks(client, store, n, images.chunks[0], box, backend, resident_bytes)
     metrics: list[dict] = []
     if saved is None:
-        mean_parts = placement.submit(client, mean_partial, box, params.scale, backend)
-        mean_stats = tree_sum(client, mean_parts).result()
+        mean_stats = placement.map(client, mean_partial, box, params.scale, backend)
         mean = solve_mean(mean_stats["num"][0], mean_stats["den"][0], box)
         # Data sign (DESIGN.md §1): protein density is positive; a low-passed mean that is negative
         # inside the mask means the stored images are black on white, so they are used negated.
@@ -244,18 +245,24 @@ def run_3dva(
     if saved is None:
         save(0, np.zeros((0, params.modes + 1), np.float32))
 
-    def submit(function, state: State, components: np.ndarray, keep: list | None) -> list:
+    def run_pass(function, state: State, components: np.ndarray, keep: list | None, total: bool):
+        """`function` over every task with the model of `state` and `components` (see `Placement.map`)."""
         model = Model(
-            fourier_stack(state.mean, components), state.noise_inverse, EPS, params.scale, data_sign, state.prior
+            fourier_stack(state.mean, components),
+            state.noise_inverse,
+            EPS,
+            params.scale,
+            data_sign,
+            state.prior,
+            pixels,
         )
-        model = client.scatter(model, broadcast=True, hash=False)
-        return placement.submit(client, function, model, box, backend, per_task=keep)
+        return placement.map(client, function, box, backend, shared=model, per_task=keep, total=total)
 
     def iterate(state: State, keep: list | None) -> tuple[State, dict, np.ndarray]:
         """One E/M pass over the particles (those of `keep` per task when given); also the
         E-step's coordinates and scales `(n, K+1)`."""
         t_it = time.perf_counter()
-        stats = tree_sum(client, submit(em_partial, state, state.components, keep)).result()
+        stats = run_pass(em_partial, state, state.components, keep, total=True)
         count = int(stats["particles"])
         # Re-centre: a common offset of the coordinates is an error of the mean, not variability;
         # moving it into the mean frees the components for what varies.
@@ -277,7 +284,7 @@ def run_3dva(
 
     def coordinates(state: State, components: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """z `(N, K)`, α `(N,)` and the mean E-step noise covariance with `components`."""
-        coords = client.gather(submit(em_coordinates, state, components, None))
+        coords = run_pass(em_coordinates, state, components, None, total=False)
         z = np.concatenate([c["z"] for c in coords])
         return z, np.concatenate([c["alpha"] for c in coords]), sum(c["zcov"] for c in coords) / len(z)
 

@@ -4,32 +4,40 @@ The store's chunks are split into tasks and dealt round-robin to the workers. Ea
 its chunks prepared and resident (host memory on CPU workers, device memory on GPU workers) while
 they fit in `RESIDENT_FRACTION` of the memory it has left; the rest are streamed: read from the store and
 prepared again inside every task that needs them, then dropped. Tasks are pinned to their worker
-but may move when it is gone (dask then recomputes what was lost).
+but may move when it is gone (dask then recomputes what was lost). When every worker a pass's
+tasks were pinned to has gone, dask keeps those tasks for the lost addresses even where other
+workers may run them (dask/distributed#7346): `settle` notices, and `repin` deals them out again.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from concurrent.futures import CancelledError
 from dataclasses import dataclass
 
 import psutil
-from distributed import Client, Future
+from distributed import Client, Future, wait
+from distributed.comm.core import CommClosedError
 
 from dva.em.chunk import chunk_bytes_per_particle, make_band
+from dva.engine.reduce import tree_sum
 from dva.engine.tasks import ChunkSource, load_chunk, store_error
-from dva.errors import DvaInputError
+from dva.errors import DvaClusterError, DvaInputError
 
 MIN_TASK = 64  # fewest particles per task
+STALL_CHECK_S = 5.0  # seconds between checks that a pass is still running
+ATTEMPTS = 5  # starts of a pass whose workers were lost
 RESIDENT_FRACTION = 0.4  # of the memory a worker has left under its limit (host), or of its GPU's free memory
 
 
 @dataclass
 class Placement:
-    """Per task: its particle range, its chunk (a resident future, or a `ChunkSource` streamed
-    every pass) and the worker it runs on."""
+    """Per task: its particle range, where its chunk is read from, its chunk as the tasks take it
+    (a resident future, or the `ChunkSource` itself when streamed every pass) and its worker."""
 
     ranges: list[tuple[int, int]]
+    chunks: list[ChunkSource]
     sources: list[Future | ChunkSource]
     workers: list[str]
 
@@ -37,6 +45,45 @@ class Placement:
     def resident(self) -> int:
         """Particles kept in worker memory between passes."""
         return sum(b - a for (a, b), s in zip(self.ranges, self.sources, strict=True) if isinstance(s, Future))
+
+    def map(
+        self,
+        client: Client,
+        function: Callable,
+        *args,
+        shared: object = None,
+        per_task: list | None = None,
+        total: bool = True,
+    ):
+        """`function(chunk, [shared,] *args[, per_task[i]])` over every task: the sum of the results
+        (`tree_sum`) when `total`, else their list. `shared` (the model) goes to every worker once.
+
+        A pass that cannot finish (see `settle`) starts again with its tasks on the workers that are
+        left, up to `ATTEMPTS` times; the results do not depend on where tasks ran."""
+        for _ in range(ATTEMPTS):
+            scattered = []
+            try:
+                client.wait_for_workers(1)
+                if shared is not None:
+                    scattered.append(client.scatter(shared, broadcast=True, hash=False))
+                outs = self.submit(client, function, *scattered, *args, per_task=per_task)
+                if total:
+                    outs = [tree_sum(client, outs)]
+                if self.settle(client, outs):
+                    found = client.gather(outs)
+                    return found[0] if total else found
+                client.cancel(outs)
+            except (CancelledError, CommClosedError):
+                pass  # workers were lost with what the pass needed (the scattered model with all of them)
+            finally:
+                # Kept until the results are in: recomputing partials lost with a worker needs it.
+                for future in scattered:
+                    future.release()
+            self.repin(client)
+        raise DvaClusterError(
+            f"a pass over the particles lost its workers {ATTEMPTS} times (see the workers' logs: memory "
+            "limit, pre-emption?); run the same command with --resume to continue from the last iteration"
+        )
 
     def submit(self, client: Client, function: Callable, *args, per_task: list | None = None) -> list[Future]:
         """`function(chunk, *args[, per_task[i]])` for every task, on its worker (movable when it is gone)."""
@@ -60,6 +107,36 @@ class Placement:
         for i, source in enumerate(self.sources):
             if isinstance(source, Future) and holders.get(source.key):
                 self.workers[i] = next(iter(holders[source.key]))
+
+    def settle(self, client: Client, futures: list[Future]) -> bool:
+        """Wait for `futures`. False when they cannot finish: one was cancelled (its scattered
+        inputs were lost with every worker holding them), or workers its tasks were pinned to have
+        left and the live workers have had nothing to run for two checks."""
+        stalled = 0
+        while True:
+            _, pending = wait(futures, timeout=STALL_CHECK_S)
+            if any(f.cancelled() for f in futures):
+                return False
+            if not pending:
+                return True
+            live = set(client.ncores())
+            stuck = bool(live) and not set(self.workers) <= live and not any(client.processing().values())
+            stalled = stalled + 1 if stuck else 0
+            if stalled >= 2:
+                return False
+
+    def repin(self, client: Client) -> None:
+        """Deal the tasks of workers that have left to the live ones, re-reading their resident
+        chunks there."""
+        client.wait_for_workers(1)
+        live = sorted(client.ncores())
+        gone = [i for i, w in enumerate(self.workers) if w not in live]
+        stale = [self.sources[i] for i in gone if isinstance(self.sources[i], Future)]
+        for j, i in enumerate(gone):
+            self.workers[i] = live[j % len(live)]
+            if isinstance(self.sources[i], Future):
+                self.sources[i] = _load(client, self.chunks[i], self.workers[i])
+        client.cancel(stale)
 
     def release(self, client: Client) -> None:
         client.cancel([s for s in self.sources if isinstance(s, Future)])
@@ -114,15 +191,20 @@ def place_chunks(
     per_particle = chunk_bytes_per_particle(make_band(box))
     ranges = task_ranges(n, chunk, len(addresses))
     used = dict.fromkeys(addresses, 0)
+    chunks = [ChunkSource(store, a, b, box, backend) for a, b in ranges]
     sources: list[Future | ChunkSource] = []
     workers = []
-    for i, (a, b) in enumerate(ranges):
+    for i, ((a, b), source) in enumerate(zip(ranges, chunks, strict=True)):
         worker = addresses[i % len(addresses)]
-        source = ChunkSource(store, a, b, box, backend)
         budget = budgets.get(worker)
         if budget is None or used[worker] + (b - a) * per_particle <= budget:
             used[worker] += (b - a) * per_particle
-            source = client.submit(load_chunk, source, pure=False, workers=[worker], allow_other_workers=True)
+            source = _load(client, source, worker)
         sources.append(source)
         workers.append(worker)
-    return Placement(ranges, sources, workers)
+    return Placement(ranges, chunks, sources, workers)
+
+
+def _load(client: Client, source: ChunkSource, worker: str) -> Future:
+    """Read and prepare a chunk on `worker`, to keep there."""
+    return client.submit(load_chunk, source, pure=False, workers=[worker], allow_other_workers=True)

@@ -13,7 +13,6 @@ import numpy as np
 from dva.em.mean import solve_mean
 from dva.engine.cluster import Cluster
 from dva.engine.placement import place_chunks
-from dva.engine.reduce import tree_sum
 from dva.engine.tasks import mean_partial
 from dva.io.store import open_store, store_location
 
@@ -33,9 +32,7 @@ def reconstruct_subsets(
     for lo in range(0, weights.shape[1], MAX_GROUPS):
         part = np.ascontiguousarray(weights[:, lo : lo + MAX_GROUPS], dtype=np.float64)
         per_task = [part[a:b] for a, b in placement.ranges]
-        stats = tree_sum(
-            client, placement.submit(client, mean_partial, box, scale, backend, per_task=per_task)
-        ).result()
+        stats = placement.map(client, mean_partial, box, scale, backend, per_task=per_task)
         volumes += [solve_mean(stats["num"][g], stats["den"][g], box) * data_sign for g in range(part.shape[1])]
     placement.release(client)
     return np.stack(volumes).astype(np.float32)

@@ -90,6 +90,7 @@ def _on_device(model: Model, backend: str) -> Model:
         scale=model.scale,
         data_sign=model.data_sign,
         scale_prior=model.scale_prior,
+        pixels=model.pixels,
     )
 
 
