@@ -61,3 +61,21 @@ def test_a_store_url_reads_through_fsspec(store, cluster):
     by_path = run_3dva(path, mask, PARAMS, cluster)
     by_url = run_3dva(f"file://{path}", mask, PARAMS, cluster)
     np.testing.assert_array_equal(by_url.z, by_path.z)
+
+
+def test_a_pass_longer_than_the_stall_check_finishes(store, cluster, monkeypatch):
+    """`settle` checks on a running pass every STALL_CHECK_S: a slow pass is waited for, not
+    mistaken for a stuck one (its workers are all there)."""
+    from dva.engine import placement as placement_module
+
+    monkeypatch.setattr(placement_module, "STALL_CHECK_S", 0.05)
+    placement = placement_module.place_chunks(cluster.client, str(store[0]), 600, 100, 32, "numpy", 0)
+    found = placement.map(cluster.client, _slow_count, 0.3, total=False)
+    assert found == [b - a for a, b in placement.ranges]
+
+
+def _slow_count(source, seconds: float) -> int:
+    import time
+
+    time.sleep(seconds)
+    return source.stop - source.start

@@ -11,6 +11,7 @@ workers may run them (dask/distributed#7346): `settle` notices, and `repin` deal
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable
 from concurrent.futures import CancelledError
@@ -114,10 +115,11 @@ class Placement:
         left and the live workers have had nothing to run for two checks."""
         stalled = 0
         while True:
-            _, pending = wait(futures, timeout=STALL_CHECK_S)
+            with contextlib.suppress(TimeoutError):  # still running after STALL_CHECK_S: check on it
+                wait(futures, timeout=STALL_CHECK_S)
             if any(f.cancelled() for f in futures):
                 return False
-            if not pending:
+            if all(f.done() for f in futures):
                 return True
             live = set(client.ncores())
             stuck = bool(live) and not set(self.workers) <= live and not any(client.processing().values())
