@@ -43,9 +43,10 @@ def em_statistics(
         chunk = Chunk(chunk.y[chosen], chunk.ctf[chosen], chunk.rotation[chosen], chunk.scale[chosen])
     box, k = band.box, model.modes
     weight = model.noise_inverse[band.shell] * band.multiplicity  # (P,): W, counting both halves
-    inner = slice(*(model.pixels or (0, len(band.flat))))
-    mean_volume = xp.ascontiguousarray(model.volumes[:, :1])
-    component_volumes = xp.ascontiguousarray(model.volumes[:, 1:])
+    lo_px, hi_px = model.pixels or (0, len(band.flat))
+    inner = slice(lo_px, hi_px)
+    outer = [part for part in (slice(0, lo_px), slice(hi_px, len(band.flat))) if part.stop > part.start]
+    mean_volume = xp.ascontiguousarray(model.volumes[:, :1]) if outer else None
     pairs = pair_index(k)
     out = {
         "z": [],
@@ -65,17 +66,22 @@ def em_statistics(
         sl = slice(lo, lo + BATCH)
         y, c = chunk.y[sl] * model.data_sign, chunk.ctf[sl]
         n = len(y)
-        index, weights = trilinear_stencil(slice_coordinates(chunk.rotation[sl], band.kx, band.ky, box, xp), box, xp)
-        s0 = gather(mean_volume, index, weights).reshape(n, -1) * c
-        index, weights = (a.reshape(n, -1, 8)[:, inner].reshape(-1, 8) for a in (index, weights))
-        comps = gather(component_volumes, index, weights).reshape(n, -1, k) * c[:, inner, None]
-        s = xp.concatenate([s0[:, inner, None], comps], axis=-1)  # (n, inner pixels, K+1)
+        stencil = trilinear_stencil(slice_coordinates(chunk.rotation[sl], band.kx, band.ky, box, xp), box, xp)
+        full_index, full_weights = (a.reshape(n, -1, 8) for a in stencil)
+        index, weights = full_index[:, inner].reshape(-1, 8), full_weights[:, inner].reshape(-1, 8)
+        s = gather(model.volumes, index, weights).reshape(n, -1, k + 1) * c[:, inner, None]  # (n, inner, K+1)
+        comps = s[..., 1:]
         ws = s * weight[None, inner, None]
         gram = xp.einsum("npk,npl->nkl", xp.conj(s), ws).real.astype(xp.float64)  # (n, K+1, K+1)
         proj = xp.einsum("npk,np->nk", xp.conj(ws), y[:, inner]).real.astype(xp.float64)  # (n, K+1)
-        # The mean's terms over the whole band.
-        gram[:, 0, 0] = ((xp.abs(s0) ** 2) * weight).sum(-1)
-        proj[:, 0] = (xp.conj(s0) * weight * y).real.sum(-1)
+        s0 = xp.empty(y.shape, dtype=s.dtype)  # the mean's slice over the whole band
+        s0[:, inner] = s[..., 0]
+        for part in outer:
+            mean = gather(mean_volume, full_index[:, part].reshape(-1, 8), full_weights[:, part].reshape(-1, 8))
+            s0[:, part] = mean.reshape(n, -1) * c[:, part]
+        if outer:  # the mean's terms over the whole band
+            gram[:, 0, 0] = ((xp.abs(s0) ** 2) * weight).sum(-1)
+            proj[:, 0] = (xp.conj(s0) * weight * y).real.sum(-1)
         g = gram[:, 1:, 1:]
         ridge = (model.eps * xp.trace(g, axis1=1, axis2=2) / k + 1e-30)[:, None, None] * xp.eye(k)
         if model.scale == "optimal":

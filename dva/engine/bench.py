@@ -18,7 +18,13 @@ from dva.sim.simulate import simulate_dataset
 
 
 def _peak_rss_mb() -> float:
-    """Peak resident memory of this process in MB (Linux reports kB)."""
+    """Peak resident memory of this process in MB. Linux's VmHWM where there is one: `ru_maxrss`
+    also counts the parent's memory at the fork of a spawned worker (it survives `exec`)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
