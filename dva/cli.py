@@ -63,12 +63,9 @@ def _user_errors() -> Iterator[None]:
         warnings.showwarning = _show_warning
         try:
             yield
-        except DvaInputError as exc:
+        except (DvaInputError, DvaClusterError) as exc:
             print(f"dva: error: {exc}", file=sys.stderr)
-            raise typer.Exit(2) from None
-        except DvaClusterError as exc:
-            print(f"dva: error: {exc}", file=sys.stderr)
-            raise typer.Exit(1) from None
+            raise typer.Exit(2 if isinstance(exc, DvaInputError) else 1) from None
 
 
 @contextmanager

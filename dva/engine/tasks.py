@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 
 import numpy as np
@@ -86,15 +86,7 @@ def mean_partial(
 
 def _on_device(model: Model, backend: str) -> Model:
     xp = array_module(backend)
-    return Model(
-        volumes=xp.asarray(model.volumes),
-        noise_inverse=xp.asarray(model.noise_inverse),
-        eps=model.eps,
-        scale=model.scale,
-        data_sign=model.data_sign,
-        scale_prior=model.scale_prior,
-        pixels=model.pixels,
-    )
+    return replace(model, volumes=xp.asarray(model.volumes), noise_inverse=xp.asarray(model.noise_inverse))
 
 
 def em_partial(
