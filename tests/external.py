@@ -67,14 +67,13 @@ def external_cluster(folder: Path, workers: int = 2, tls: dict[str, Path] | None
     security = [a for option, path in (tls or {}).items() for a in (option, str(path))]
     scheduler = [*DASK, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", ":0"]
     scheduler += ["--scheduler-file", str(info), *(["--protocol", "tls"] if tls else []), *security]
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    procs = [subprocess.Popen(scheduler, **quiet)]
+    procs = [_start(scheduler, folder / "scheduler.log")]
     try:
         deadline = time.time() + 60
         while not info.exists() and time.time() < deadline:
             time.sleep(0.2)
         worker = [*DASK, "worker", "--scheduler-file", str(info), "--nthreads", "1", "--no-dashboard", *security]
-        procs += [subprocess.Popen(worker, **quiet) for _ in range(workers)]
+        procs += [_start(worker, folder / f"worker-{i}.log") for i in range(workers)]
         address = json.loads(info.read_text())["address"]
         with client_for(address, tls) as client:
             client.wait_for_workers(workers, timeout=60)
@@ -87,6 +86,19 @@ def external_cluster(folder: Path, workers: int = 2, tls: dict[str, Path] | None
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def _start(command: list[str], log: Path) -> subprocess.Popen:
+    """Start `command` with its output going to `log` (read back when a test fails)."""
+    with log.open("w") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+
+
+def cluster_logs(folder: Path, lines: int = 60) -> str:
+    """The last `lines` lines of each log `external_cluster` wrote in `folder`."""
+    return "\n".join(
+        f"--- {p.name}\n" + "\n".join(p.read_text().splitlines()[-lines:]) for p in sorted(folder.glob("*.log"))
+    )
 
 
 @contextmanager

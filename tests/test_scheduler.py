@@ -20,7 +20,7 @@ from dva.errors import DvaInputError
 from dva.io.star import read_star
 from dva.io.store import import_particles
 from dva.sim.simulate import simulate_dataset
-from tests.external import client_for, external_cluster, make_certificates
+from tests.external import client_for, cluster_logs, external_cluster, make_certificates
 
 runner = CliRunner()
 MODES = 2
@@ -94,12 +94,31 @@ def test_a_killed_worker_does_not_change_the_result(dataset, tmp_path, workers, 
         try:
             output, _ = proc.communicate(timeout=300)
         except subprocess.TimeoutExpired:
+            state = scheduler_state(address)
             proc.kill()
             output, _ = proc.communicate()
-            pytest.fail(f"the run did not finish after a worker was killed:\n{output}")
+            pytest.fail(
+                f"the run did not finish after a worker was killed:\n{output}\n{state}\n"
+                f"--- run.log\n{log.read_text()}\n{cluster_logs(tmp_path)}"
+            )
     assert 2 <= done_before < 6  # killed in the middle of the run
     assert proc.returncode == 0, output
     assert_same_result(out, tmp / "embedded")
+
+
+def scheduler_state(address: str) -> str:
+    """The scheduler's workers and its unfinished tasks (state, restrictions, where processing)."""
+
+    def dump(dask_scheduler) -> str:
+        lines = [f"workers: {sorted(dask_scheduler.workers)}"]
+        for key, ts in dask_scheduler.tasks.items():
+            if ts.state not in ("memory", "released", "forgotten"):
+                on = ts.processing_on.address if ts.processing_on else None
+                lines.append(f"{key} {ts.state} on={on} restrict={sorted(ts.worker_restrictions or ())}")
+        return "\n".join(lines[:80])
+
+    with client_for(address) as client:
+        return client.run_on_scheduler(dump)
 
 
 def test_a_worker_that_cannot_read_the_store_is_named(dataset, tmp_path):

@@ -2,7 +2,7 @@
 
 Pass 0 reconstructs the mean; every iteration is one pass (E-step and M-step statistics per
 chunk, summed in a tree); a last pass computes the coordinates with the final components. Chunks
-are read and prepared on the workers once and stay there; the model is broadcast once per
+are read and prepared on the workers once and stay there; the model is scattered once per
 iteration; the driver only solves per voxel and filters.
 """
 

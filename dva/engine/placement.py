@@ -66,7 +66,7 @@ class Placement:
             try:
                 client.wait_for_workers(1)
                 if shared is not None:
-                    scattered.append(client.scatter(shared, broadcast=True, hash=False))
+                    scattered.append(_scatter(client, shared))
                 outs = self.submit(client, function, *scattered, *args, per_task=per_task)
                 if total:
                     outs = [tree_sum(client, outs)]
@@ -75,7 +75,7 @@ class Placement:
                     return found[0] if total else found
                 client.cancel(outs)
             except (CancelledError, CommClosedError):
-                pass  # workers were lost with what the pass needed (the scattered model with all of them)
+                pass  # workers were lost with what the pass needed (the scattered model with its holders)
             finally:
                 # Kept until the results are in: recomputing partials lost with a worker needs it.
                 for future in scattered:
@@ -205,6 +205,16 @@ def place_chunks(
         sources.append(source)
         workers.append(worker)
     return Placement(ranges, chunks, sources, workers)
+
+
+def _scatter(client: Client, shared: object) -> Future:
+    """Send `shared` to one worker; the others fetch it from there (or from each other) when their
+    first task needs it. Not `broadcast=True`: the scheduler's replication of it retries a worker
+    that died meanwhile forever (seen as a hung run when a worker was killed mid-run)."""
+    try:
+        return client.scatter(shared, hash=False)
+    except OSError as error:  # the worker it went to had died: the pass starts again
+        raise CommClosedError(str(error)) from error
 
 
 def _load(client: Client, source: ChunkSource, worker: str) -> Future:
