@@ -10,18 +10,28 @@ import pytest
 from dva.em.chunk import chunk_bytes_per_particle, make_band
 from dva.engine.cluster import connect
 from dva.engine.loop import RunParams, run_3dva
-from dva.engine.placement import task_ranges
+from dva.engine.placement import MIN_TASK, deal_tasks
 from dva.io.star import read_star
 from dva.io.store import import_particles
 from dva.sim.simulate import simulate_dataset
 
 
-def test_task_ranges_cover_the_particles_once_within_store_chunks():
-    ranges = task_ranges(1000, 300, 2)
-    assert ranges[0][0] == 0 and ranges[-1][1] == 1000
+@pytest.mark.parametrize(("n", "chunk", "workers"), [(1000, 300, 2), (20000, 16384, 2), (1003, 100, 3), (100, 7, 4)])
+def test_tasks_cover_the_particles_once_within_store_chunks_evenly_dealt(n, chunk, workers):
+    ranges, owners = deal_tasks(n, chunk, workers)
+    assert ranges[0][0] == 0 and ranges[-1][1] == n
     assert all(b == c for (_, b), (c, _) in itertools.pairwise(ranges))
-    assert all(a // 300 == (b - 1) // 300 for a, b in ranges)  # no task spans two zarr chunks
-    assert len(task_ranges(100_000, 100, 2)) == 1000  # one task per small chunk: O(chunks)
+    assert all(a // chunk == (b - 1) // chunk for a, b in ranges)  # no task spans two zarr chunks
+    per_worker = np.bincount(owners, weights=[b - a for a, b in ranges], minlength=workers)
+    busy = per_worker[per_worker > 0]
+    assert busy.max() - busy.min() <= 2  # the same number of particles, up to rounding
+    assert len(busy) == min(workers, max(1, n // MIN_TASK))
+    if n >= 2 * workers * MIN_TASK:
+        assert min(np.bincount(owners, minlength=workers)) >= 2  # at least two tasks each
+
+
+def test_tasks_are_o_chunks():
+    assert len(deal_tasks(100_000, 100, 2)[0]) == 1000  # one task per small chunk
 
 
 @pytest.fixture(scope="module")

@@ -69,7 +69,7 @@ def em_statistics(
         stencil = trilinear_stencil(slice_coordinates(chunk.rotation[sl], band.kx, band.ky, box, xp), box, xp)
         full_index, full_weights = (a.reshape(n, -1, 8) for a in stencil)
         index, weights = full_index[:, inner].reshape(-1, 8), full_weights[:, inner].reshape(-1, 8)
-        s = gather(model.volumes, index, weights).reshape(n, -1, k + 1) * c[:, inner, None]  # (n, inner, K+1)
+        s = gather(model.volumes, index, weights, xp).reshape(n, -1, k + 1) * c[:, inner, None]  # (n, inner, K+1)
         comps = s[..., 1:]
         ws = s * weight[None, inner, None]
         gram = xp.einsum("npk,npl->nkl", xp.conj(s), ws).real.astype(xp.float64)  # (n, K+1, K+1)
@@ -77,7 +77,7 @@ def em_statistics(
         s0 = xp.empty(y.shape, dtype=s.dtype)  # the mean's slice over the whole band
         s0[:, inner] = s[..., 0]
         for part in outer:
-            mean = gather(mean_volume, full_index[:, part].reshape(-1, 8), full_weights[:, part].reshape(-1, 8))
+            mean = gather(mean_volume, full_index[:, part].reshape(-1, 8), full_weights[:, part].reshape(-1, 8), xp)
             s0[:, part] = mean.reshape(n, -1) * c[:, part]
         if outer:  # the mean's terms over the whole band
             gram[:, 0, 0] = ((xp.abs(s0) ** 2) * weight).sum(-1)

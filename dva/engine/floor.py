@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from dva.em.chunk import make_band
+from dva.ops.backend import stencil_gather, stencil_insert
 
 
 @dataclass(frozen=True)
@@ -77,31 +78,33 @@ def floor_seconds(work: Work, ceilings: Ceilings, streamed: bool = False) -> dic
 
 def measure_cpu_ceilings(workers: int, box: int = 64, repeats: int = 3) -> Ceilings:
     """This machine's ceilings for `workers` single-threaded NumPy workers (one core each): the
-    best of `repeats` timings of a large copy, a random-local gather and a `bincount` scatter-add
-    (the primitives the NumPy path uses), times `workers`."""
+    best of `repeats` timings of a large copy and of the NumPy path's own trilinear kernels
+    (`stencil_gather` of 4 complex volumes, `stencil_insert` of 12 channels) on radius-local
+    stencils, times `workers`."""
     rng = np.random.default_rng(0)
-    size = box**3
-    n = 4_000_000
-    index = np.sort(rng.integers(0, size, n))  # slices touch neighbouring voxels: sorted ≈ local
-    values = rng.random(n)
-    volume = rng.random(size)
-    source, target = rng.random(4 * n), np.empty(4 * n)
+    size, m = box**3, 500_000
+    base = np.sort(rng.integers(0, size - box * box - box - 1, m))  # slices touch neighbouring voxels
+    offsets = np.array([dz * box * box + dy * box + dx for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)])
+    index, weights = base[:, None] + offsets, rng.random((m, 8), dtype=np.float32)
+    volumes = (rng.random((size, 4)) + 1j * rng.random((size, 4))).astype(np.complex64)
+    values, sums = rng.random((m, 12), dtype=np.float32), np.zeros((12, size))
+    source, target = rng.random(16_000_000), np.empty(16_000_000)
     best = {"copy": np.inf, "gather": np.inf, "scatter": np.inf}
     for _ in range(repeats):
         t = time.perf_counter()
         np.copyto(target, source)
         best["copy"] = min(best["copy"], time.perf_counter() - t)
         t = time.perf_counter()
-        volume.take(index)
+        stencil_gather(volumes, index, weights)
         best["gather"] = min(best["gather"], time.perf_counter() - t)
         t = time.perf_counter()
-        np.bincount(index, weights=values, minlength=size)
+        stencil_insert(values, index, weights, sums)
         best["scatter"] = min(best["scatter"], time.perf_counter() - t)
     return Ceilings(
         device=f"{workers} CPU worker(s) (measured now)",
         memory_GBps=workers * 2 * source.nbytes / best["copy"] / 1e9,  # read + write
-        gather_Gps=workers * n / best["gather"] / 1e9,
-        scatter_Gps=workers * n / best["scatter"] / 1e9,
+        gather_Gps=workers * index.size * volumes.shape[1] * 2 / best["gather"] / 1e9,  # complex: 2 reals
+        scatter_Gps=workers * index.size * values.shape[1] / best["scatter"] / 1e9,
     )
 
 

@@ -1,6 +1,6 @@
 """Which worker handles which particles, and which chunks stay in its memory between passes.
 
-The store's chunks are split into tasks and dealt round-robin to the workers. Each worker keeps
+The particles are split into tasks, the same number of particles for every worker. Each worker keeps
 its chunks prepared and resident (host memory on CPU workers, device memory on GPU workers) while
 they fit in `RESIDENT_FRACTION` of the memory it has left; the rest are streamed: read from the store and
 prepared again inside every task that needs them, then dropped. Tasks are pinned to their worker
@@ -11,6 +11,7 @@ workers may run them (dask/distributed#7346): `settle` notices, and `repin` deal
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import itertools
 from collections.abc import Callable
@@ -144,17 +145,16 @@ class Placement:
         client.cancel([s for s in self.sources if isinstance(s, Future)])
 
 
-def task_ranges(n: int, chunk: int, workers: int) -> list[tuple[int, int]]:
-    """Particle ranges of the tasks: each store chunk split into equal pieces, so that every worker
-    gets at least two tasks and no task spans two zarr chunks."""
-    target = max(MIN_TASK, -(-n // (2 * workers)))
-    ranges = []
-    for lo in range(0, n, chunk):
-        hi = min(lo + chunk, n)
-        pieces = -(-(hi - lo) // target)
-        edges = [lo + (hi - lo) * i // pieces for i in range(pieces + 1)]
-        ranges += list(itertools.pairwise(edges))
-    return ranges
+def deal_tasks(n: int, chunk: int, workers: int) -> tuple[list[tuple[int, int]], list[int]]:
+    """Particle ranges of the tasks, and the worker (index) of each: `[0, n)` cut into `2·workers`
+    equal segments (each worker takes two, so every worker gets the same number of particles and
+    at least two tasks), and the segments cut again at the store's chunk edges (no task spans two
+    zarr chunks)."""
+    segments = max(1, min(2 * workers, n // MIN_TASK))
+    cuts = [n * j // segments for j in range(segments + 1)]
+    ranges = list(itertools.pairwise(sorted(set(cuts) | set(range(0, n, chunk)))))
+    owners = [(bisect.bisect_right(cuts, a) - 1) % workers for a, _ in ranges]
+    return ranges, owners
 
 
 def _memory_budget(backend: str, dask_worker=None) -> int | None:
@@ -191,13 +191,13 @@ def place_chunks(
         client.run(_memory_budget, backend) if resident_bytes is None else dict.fromkeys(addresses, resident_bytes)
     )
     per_particle = chunk_bytes_per_particle(make_band(box))
-    ranges = task_ranges(n, chunk, len(addresses))
+    ranges, owners = deal_tasks(n, chunk, len(addresses))
     used = dict.fromkeys(addresses, 0)
     chunks = [ChunkSource(store, a, b, box, backend) for a, b in ranges]
     sources: list[Future | ChunkSource] = []
     workers = []
-    for i, ((a, b), source) in enumerate(zip(ranges, chunks, strict=True)):
-        worker = addresses[i % len(addresses)]
+    for (a, b), source, owner in zip(ranges, chunks, owners, strict=True):
+        worker = addresses[owner]
         budget = budgets.get(worker)
         if budget is None or used[worker] + (b - a) * per_particle <= budget:
             used[worker] += (b - a) * per_particle

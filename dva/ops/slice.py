@@ -11,7 +11,7 @@ from types import ModuleType
 
 import numpy as np
 
-from dva.ops.backend import scatter_add
+from dva.ops.backend import stencil_gather, stencil_insert
 
 
 def slice_coordinates(rotations, kx, ky, box: int, xp: ModuleType = np):
@@ -56,12 +56,9 @@ def gridding_correction(box: int, xp: ModuleType = np):
     return xp.maximum(u[:, None, None] * u[None, :, None] * u[None, None, :], float(np.sinc(0.5) ** 2))
 
 
-def gather(volumes, index, weights):
+def gather(volumes, index, weights, xp: ModuleType = np):
     """Trilinear samples `(m, C)` of flattened volumes `(D³, C)` at a stencil `(m, 8)`."""
-    out = volumes.take(index[:, 0], axis=0) * weights[:, 0, None]
-    for j in range(1, 8):
-        out += volumes.take(index[:, j], axis=0) * weights[:, j, None]
-    return out
+    return stencil_gather(volumes, index, weights, xp)
 
 
 def insert(values, index, weights, out, xp: ModuleType = np):
@@ -69,9 +66,7 @@ def insert(values, index, weights, out, xp: ModuleType = np):
 
     `out` is a local accumulator and is modified in place; it is also returned.
     """
-    flat = index.reshape(-1)
-    for c in range(values.shape[1]):
-        out[c] += scatter_add((weights * values[:, c, None]).reshape(-1), flat, out.shape[1], xp)
+    stencil_insert(values, index, weights, out, xp)
     return out
 
 
