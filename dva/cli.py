@@ -196,6 +196,13 @@ def run(
     box: Annotated[int | None, typer.Option(help="Fourier-crop to this box on the fly (pixels).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed of the initial components.")] = 0,
     max_particles: Annotated[int | None, typer.Option(help="Use only the first N particles.")] = None,
+    band_tolerance: Annotated[
+        float,
+        typer.Option(
+            help="Skip the Fourier pixels where the filters leave the components less than this weight "
+            "(0: every pixel; 0.05 is faster and changes results slightly, see README)."
+        ),
+    ] = 0.0,
     prefix: Annotated[str, typer.Option(help="Prefix of the output files.")] = "dva",
     scheduler: Scheduler = None,
     workers: Workers = None,
@@ -240,6 +247,7 @@ def run(
             seed=seed,
             max_particles=max_particles,
             halfsets=halfsets,
+            band_tolerance=band_tolerance,
         )
         if not mask.is_file():
             raise DvaInputError(f"{mask}: mask not found")

@@ -132,3 +132,15 @@ def test_progress_is_plain_lines_off_a_terminal(tmp_path):
         "EM iteration 2/2",
     ]
     assert "importing: 200/200" in lines and "━" not in r.output
+
+
+@pytest.mark.parametrize("value", ["1", "-0.1"])
+def test_band_tolerance_outside_0_to_1_is_refused(tmp_path, value):
+    sim = simulate_dataset(tmp_path / "sim", "tiny", particles=20, seed=1)
+    args = ["run", str(sim / "particles.star"), "--mask", str(sim / "mask.mrc"), "--filter-res", "12"]
+    r = runner.invoke(
+        app, [*args, "--band-tolerance", value, "--out", str(tmp_path / "o"), "--workers", "1", "--quiet"]
+    )
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1, r.output
+    assert f"--band-tolerance {float(value)}" in lines[0]

@@ -141,6 +141,10 @@ def _check(params: RunParams, box_in: int, pixel_in: float) -> tuple[int, float]
         raise DvaInputError(f"--max-particles {params.max_particles}: need at least 1")
     if params.scale not in ("optimal", "input", "none"):
         raise DvaInputError(f"--scale {params.scale}: use optimal, input or none")
+    if not 0 <= params.band_tolerance < 1:
+        raise DvaInputError(
+            f"--band-tolerance {params.band_tolerance}: use a filter weight from 0 up to (not including) 1"
+        )
     if params.noise not in ("colored", "white"):
         raise DvaInputError(f"--noise {params.noise}: use colored or white")
     return box, pixel
