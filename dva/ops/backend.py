@@ -48,5 +48,5 @@ def _stencil_matrix(index, weights, size: int, dtype):
     import scipy.sparse
 
     m, width = index.shape
-    indptr = np.arange(0, m * width + 1, width)
+    indptr = np.arange(0, m * width + 1, width, dtype=index.dtype)
     return scipy.sparse.csr_matrix((weights.astype(dtype).ravel(), index.ravel(), indptr), shape=(m, size))

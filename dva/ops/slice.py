@@ -29,7 +29,7 @@ def trilinear_stencil(coords, box: int, xp: ModuleType = np):
     c = xp.minimum(coords.reshape(-1, 3), box - 1 - 1e-6)
     base = xp.floor(c)
     f = (c - base).astype(xp.float32)
-    i = base.astype(xp.int64)
+    i = base.astype(xp.int32)  # voxel indices up to D³ (< 2³¹ for any box used)
     idx, wts = [], []
     for dz in (0, 1):
         for dy in (0, 1):
