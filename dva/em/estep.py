@@ -72,8 +72,8 @@ def em_statistics(
         s = gather(model.volumes, index, weights, xp).reshape(n, -1, k + 1) * c[:, inner, None]  # (n, inner, K+1)
         comps = s[..., 1:]
         ws = s * weight[None, inner, None]
-        gram = xp.einsum("npk,npl->nkl", xp.conj(s), ws).real.astype(xp.float64)  # (n, K+1, K+1)
-        proj = xp.einsum("npk,np->nk", xp.conj(ws), y[:, inner]).real.astype(xp.float64)  # (n, K+1)
+        gram = (xp.conj(s).transpose(0, 2, 1) @ ws).real.astype(xp.float64)  # (n, K+1, K+1); batched GEMM, not einsum
+        proj = (xp.conj(ws).transpose(0, 2, 1) @ y[:, inner, None])[..., 0].real.astype(xp.float64)  # (n, K+1)
         s0 = xp.empty(y.shape, dtype=s.dtype)  # the mean's slice over the whole band
         s0[:, inner] = s[..., 0]
         for part in outer:
@@ -110,7 +110,7 @@ def em_statistics(
         out["zcov"] += (inverse / (alpha**2)[:, None, None]).sum(0)
         out["zsum"] += z.sum(0)
         resid = r.copy()
-        resid[:, inner] -= alpha[:, None] * xp.einsum("npk,nk->np", comps, z.astype(comps.dtype))
+        resid[:, inner] -= alpha[:, None] * (comps @ z.astype(comps.dtype)[..., None])[..., 0]
         res2 = xp.abs(resid) ** 2 * band.multiplicity
         out["objective"] += float((res2 * model.noise_inverse[band.shell]).sum())
         out["baseline"] += float(((xp.abs(r) ** 2) * weight).sum())
