@@ -85,7 +85,7 @@ def measure_cpu_ceilings(workers: int, box: int = 64, repeats: int = 3) -> Ceili
     size, m = box**3, 500_000
     base = np.sort(rng.integers(0, size - box * box - box - 1, m))  # slices touch neighbouring voxels
     offsets = np.array([dz * box * box + dy * box + dx for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)])
-    index, weights = base[:, None] + offsets, rng.random((m, 8), dtype=np.float32)
+    index, weights = (base[:, None] + offsets).astype(np.int32), rng.random((m, 8), dtype=np.float32)
     volumes = (rng.random((size, 4)) + 1j * rng.random((size, 4))).astype(np.complex64)
     values, sums = rng.random((m, 12), dtype=np.float32), np.zeros((12, size))
     source, target = rng.random(16_000_000), np.empty(16_000_000)
