@@ -16,8 +16,11 @@ from dva.io.store import import_particles
 from dva.sim.simulate import simulate_dataset
 
 
-@pytest.mark.parametrize(("n", "chunk", "workers"), [(1000, 300, 2), (20000, 16384, 2), (1003, 100, 3), (100, 7, 4)])
-def test_tasks_cover_the_particles_once_within_store_chunks_evenly_dealt(n, chunk, workers):
+@pytest.mark.parametrize(
+    ("n", "chunk", "workers", "busy_workers"),
+    [(1000, 300, 2, 2), (20000, 16384, 2, 2), (1003, 100, 3, 3), (100, 7, 4, 1)],  # 100 particles: one task's worth
+)
+def test_tasks_cover_the_particles_once_within_store_chunks_evenly_dealt(n, chunk, workers, busy_workers):
     ranges, owners = deal_tasks(n, chunk, workers)
     assert ranges[0][0] == 0 and ranges[-1][1] == n
     assert all(b == c for (_, b), (c, _) in itertools.pairwise(ranges))
@@ -25,7 +28,7 @@ def test_tasks_cover_the_particles_once_within_store_chunks_evenly_dealt(n, chun
     per_worker = np.bincount(owners, weights=[b - a for a, b in ranges], minlength=workers)
     busy = per_worker[per_worker > 0]
     assert busy.max() - busy.min() <= 2  # the same number of particles, up to rounding
-    assert len(busy) == min(workers, max(1, n // MIN_TASK))
+    assert len(busy) == busy_workers
     if n >= 2 * workers * MIN_TASK:
         assert min(np.bincount(owners, minlength=workers)) >= 2  # at least two tasks each
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from dva.em.chunk import make_band
-from dva.ops.backend import stencil_gather, stencil_insert
+from dva.ops.slice import gather, insert
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def floor_seconds(work: Work, ceilings: Ceilings, streamed: bool = False) -> dic
 def measure_cpu_ceilings(workers: int, box: int = 64, repeats: int = 3) -> Ceilings:
     """This machine's ceilings for `workers` single-threaded NumPy workers (one core each): the
     best of `repeats` timings of a large copy and of the NumPy path's own trilinear kernels
-    (`stencil_gather` of 4 complex volumes, `stencil_insert` of 12 channels) on radius-local
+    (`gather` of 4 complex volumes, `insert` of 12 channels) on radius-local
     stencils, times `workers`."""
     rng = np.random.default_rng(0)
     size, m = box**3, 500_000
@@ -95,10 +95,10 @@ def measure_cpu_ceilings(workers: int, box: int = 64, repeats: int = 3) -> Ceili
         np.copyto(target, source)
         best["copy"] = min(best["copy"], time.perf_counter() - t)
         t = time.perf_counter()
-        stencil_gather(volumes, index, weights)
+        gather(volumes, index, weights)
         best["gather"] = min(best["gather"], time.perf_counter() - t)
         t = time.perf_counter()
-        stencil_insert(values, index, weights, sums)
+        insert(values, index, weights, sums)
         best["scatter"] = min(best["scatter"], time.perf_counter() - t)
     return Ceilings(
         device=f"{workers} CPU worker(s) (measured now)",

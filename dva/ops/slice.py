@@ -11,8 +11,6 @@ from types import ModuleType
 
 import numpy as np
 
-from dva.ops.backend import stencil_gather, stencil_insert
-
 
 def slice_coordinates(rotations, kx, ky, box: int, xp: ModuleType = np):
     """Voxel coordinates `(n, P, 3)` as (x, y, z) of the 2D frequencies `(P,)` for poses `(n, 3, 3)`."""
@@ -57,8 +55,17 @@ def gridding_correction(box: int, xp: ModuleType = np):
 
 
 def gather(volumes, index, weights, xp: ModuleType = np):
-    """Trilinear samples `(m, C)` of flattened volumes `(D³, C)` at a stencil `(m, 8)`."""
-    return stencil_gather(volumes, index, weights, xp)
+    """Trilinear samples `(m, C)` of flattened volumes `(D³, C)` at a stencil `(m, 8)` (real or
+    complex volumes; the result has their dtype)."""
+    if xp is np:  # complex volumes as their real and imaginary parts side by side
+        real = np.ascontiguousarray(volumes).view(volumes.real.dtype)
+        return np.ascontiguousarray(_stencil_matrix(index, weights, len(volumes), real.dtype) @ real).view(
+            volumes.dtype
+        )
+    out = volumes.take(index[:, 0], axis=0) * weights[:, 0, None]
+    for j in range(1, 8):
+        out += volumes.take(index[:, j], axis=0) * weights[:, j, None]
+    return out
 
 
 def insert(values, index, weights, out, xp: ModuleType = np):
@@ -66,8 +73,28 @@ def insert(values, index, weights, out, xp: ModuleType = np):
 
     `out` is a local accumulator and is modified in place; it is also returned.
     """
-    stencil_insert(values, index, weights, out, xp)
+    if xp is np:
+        out += (_stencil_matrix(index, weights, out.shape[1], values.dtype).T @ values).T
+        return out
+    import cupyx
+
+    flat = index.reshape(-1)
+    for c in range(values.shape[1]):
+        column = xp.zeros(out.shape[1], dtype=xp.float64)
+        cupyx.scatter_add(column, flat, (weights * values[:, c, None]).reshape(-1).astype(xp.float64))
+        out[c] += column
     return out
+
+
+def _stencil_matrix(index, weights, size: int, dtype):
+    """The SciPy CSR matrix `(m, size)` whose row i holds `weights[i]` at columns `index[i]`: a
+    stencil `(m, 8)` as one sparse operator, so that a gather (`A @ volumes`) or an insertion
+    (`A.T @ values`) passes over the stencil once for every channel (NumPy workers)."""
+    import scipy.sparse
+
+    m, width = index.shape
+    indptr = np.arange(0, m * width + 1, width, dtype=index.dtype)
+    return scipy.sparse.csr_matrix((weights.astype(dtype).ravel(), index.ravel(), indptr), shape=(m, size))
 
 
 def mirror(volumes, xp: ModuleType = np):
