@@ -38,7 +38,7 @@ def test_dropped_pixels_read_only_voxels_below_the_tolerance(lowpass, highpass):
     dropped = np.r_[0:lo, hi : len(band.flat)]
     assert reach[dropped].max() < tol
     # Every pixel whose own voxel (identity pose) the filter keeps at the tolerance is processed.
-    x, y, z = np.rint(slice_coordinates(np.eye(3)[None], band.kx, band.ky, box)[0]).astype(int).T
+    x, y, z = np.rint(slice_coordinates(np.eye(3)[None], band.kx, band.ky, box)[:, 0]).astype(int)
     assert np.all(filt[z, y, x][dropped] < tol)
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from dva.em.chunk import make_band
 from dva.ops.filters import to_fourier
@@ -26,7 +27,7 @@ def test_gather_and_insert_are_adjoint(xp):
     vol = xp.asarray(rng.normal(size=(box**3, 2)))
     vals = xp.asarray(rng.normal(size=(len(index), 2)))
     lhs = float((gather(vol, index, weights, xp) * vals).sum())
-    rhs = float((vol.T * insert(vals, index, weights, xp.zeros((2, box**3)), xp)).sum())
+    rhs = float((vol * insert(vals, index, weights, xp.zeros((box**3, 2)), xp)).sum())
     assert abs(lhs - rhs) <= 1e-10 * abs(lhs)
 
 
@@ -45,12 +46,21 @@ def test_gather_and_insert_match_direct_sums(xp):
     got = to_host(gather(xp.asarray(vol), index, weights, xp))
     assert got.dtype == np.complex64
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-    expected = np.zeros((4, box**3))
+    start = rng.normal(size=(box**3, 4))  # the insertion adds to what the accumulator holds
+    expected = start.copy()
     for j in range(8):
         for c in range(4):
-            np.add.at(expected[c], idx[:, j], w[:, j] * vals[:, c])
-    got = to_host(insert(xp.asarray(vals), index, weights, xp.zeros((4, box**3)), xp))
+            np.add.at(expected[:, c], idx[:, j], w[:, j] * vals[:, c])
+    got = to_host(insert(xp.asarray(vals), index, weights, xp.asarray(start), xp))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_insert_refuses_an_accumulator_it_cannot_add_into():
+    """A strided or float32 accumulator would be copied and the sums lost: an error instead."""
+    index, weights = np.zeros((3, 8), np.int32), np.ones((3, 8), np.float32)
+    for bad in (np.zeros((4, 8))[:, ::2], np.zeros((4, 2), np.float32)):
+        with pytest.raises(ValueError, match="C-contiguous float64"):
+            insert(np.ones((3, 2)), index, weights, bad)
 
 
 def test_half_plane_insertion_with_mates_equals_full_plane(xp):
@@ -63,11 +73,11 @@ def test_half_plane_insertion_with_mates_equals_full_plane(xp):
     kx, ky, inside = _band(box)
     idx, w = trilinear_stencil(slice_coordinates(rot, xp.asarray(kx), xp.asarray(ky), box, xp), box, xp)
     values = xp.asarray(np.stack([full[inside].real, full[inside].imag], -1))
-    reference = insert(values, idx, w, xp.zeros((2, box**3)), xp)
+    reference = insert(values, idx, w, xp.zeros((box**3, 2)), xp).T
     band = make_band(box, xp)
     half = xp.asarray(np.fft.rfft2(image).ravel())[band.flat] * (band.multiplicity / 2)
     idx, w = trilinear_stencil(slice_coordinates(rot, band.kx, band.ky, box, xp), box, xp)
-    parts = insert(xp.stack([half.real, half.imag], -1), idx, w, xp.zeros((2, box**3)), xp)
+    parts = insert(xp.stack([half.real, half.imag], -1), idx, w, xp.zeros((box**3, 2)), xp).T
     np.testing.assert_allclose(
         to_host(symmetrize(parts[:1], box, 1.0, xp)), to_host(reference[:1]), rtol=1e-5, atol=1e-5
     )  # float32 weights

@@ -36,7 +36,8 @@ def em_statistics(
     `z (n, K)`, `alpha (n,)`, `zsum` (Σ_i z_i), `zcov` (Σ_i (G_i + ridge)⁻¹/α_i², the noise
     covariance of the coordinates summed), `objective` (Σ W|residual|²), `baseline` (the same after the
     mean alone, so `1 − objective/baseline` is the fraction the components explain), `power`/`count` per shell of the
-    residual and, with `statistics`, `G (K(K+1)/2, D³)` and `b (2K, D³)` (re, im per mode) in float64.
+    residual and, with `statistics`, `G (D³, K(K+1)/2)` and `b (D³, 2K)` (re, im per mode) in float64,
+    voxel-major (each voxel's channels side by side, as the insertion adds them).
     """
     if keep is not None:  # only these particles (a half-set)
         chosen = xp.flatnonzero(xp.asarray(keep))
@@ -61,7 +62,7 @@ def em_statistics(
         "count": band.shell_counts(len(chunk.y), xp),
     }
     if statistics:
-        sums = xp.zeros((len(pairs) + 2 * k, box**3))
+        sums = xp.zeros((box**3, len(pairs) + 2 * k))
     for lo in range(0, len(chunk.y), BATCH):
         sl = slice(lo, lo + BATCH)
         y, c = chunk.y[sl] * model.data_sign, chunk.ctf[sl]
@@ -123,12 +124,14 @@ def em_statistics(
             za = alpha[:, None] * z  # α z
             c = c[:, inner]
             cw = c * (weight[inner] / 2)  # c W, each sample standing for itself and its mate (`symmetrize`)
-            values = [(c * cw) * (za[:, a, None] * za[:, b, None]) for a, b in pairs]
-            rw = cw * r[:, inner]
-            values += [part for a in range(k) for part in ((rw * za[:, a, None]).real, (rw * za[:, a, None]).imag)]
-            insert(xp.stack([v.ravel() for v in values], -1).astype(xp.float32), index, weights, sums, xp)
+            products = xp.stack([za[:, a] * za[:, b] for a, b in pairs], -1)  # (n, K(K+1)/2)
+            values = xp.empty((n, hi_px - lo_px, sums.shape[1]))  # each sample's channels side by side
+            xp.multiply((c * cw)[..., None], products[:, None, :], out=values[..., : len(pairs)])
+            terms = (cw * r[:, inner])[..., None] * za[:, None, :]  # (n, pixels, K): c W r α z_a
+            values[..., len(pairs) :: 2], values[..., len(pairs) + 1 :: 2] = terms.real, terms.imag
+            insert(values.reshape(-1, sums.shape[1]), index, weights, sums, xp)
     if statistics:
-        out["G"], out["b"] = sums[: len(pairs)], sums[len(pairs) :]
+        out["G"], out["b"] = sums[:, : len(pairs)], sums[:, len(pairs) :]
     out["z"] = xp.concatenate(out["z"]) if out["z"] else xp.zeros((0, k))
     out["alpha"] = xp.concatenate(out["alpha"]) if out["alpha"] else xp.zeros(0)
     return out

@@ -27,7 +27,7 @@ def mean_statistics(chunk: Chunk, band: Band, scale: str, xp: ModuleType = np, w
     box = band.box
     groups = 1 if weights is None else weights.shape[1]
     half = band.multiplicity / 2  # each sample stands for itself and its mate (see `symmetrize`)
-    sums = xp.zeros((3 * groups, box**3))
+    sums = xp.zeros((box**3, 3 * groups))  # voxel-major: (re, im, den) of each group side by side
     for lo in range(0, len(chunk.y), BATCH):
         sl = slice(lo, lo + BATCH)
         alpha = chunk.scale[sl] if scale == "input" else xp.ones(len(chunk.scale[sl]))
@@ -46,7 +46,7 @@ def mean_statistics(chunk: Chunk, band: Band, scale: str, xp: ModuleType = np, w
         minlength=band.shells,
     )
     count = band.shell_counts(len(chunk.y), xp)
-    sums = sums.reshape(groups, 3, box**3)
+    sums = sums.T.reshape(groups, 3, box**3)
     return {"num": sums[:, :2], "den": sums[:, 2], "power": power, "count": count}
 
 

@@ -20,13 +20,13 @@ def solve_components(stats: dict, box: int, modes: int, lam: float, xp: ModuleTy
     `s` is the mean of tr(G)/K over the voxel's shell, so λ is relative to the data's weight there.
     """
     k = modes
-    full_g = symmetrize(stats["G"], box, 1.0, xp)
+    full_g = symmetrize(stats["G"].T, box, 1.0, xp)  # (K(K+1)/2, D³)
     g = xp.zeros((box**3, k, k))
     for c, (a, b) in enumerate(pair_index(k)):
         g[:, a, b] = full_g[c]
         g[:, b, a] = full_g[c]
-    re = symmetrize(stats["b"][0::2], box, 1.0, xp)  # (K, D³)
-    im = symmetrize(stats["b"][1::2], box, -1.0, xp)
+    re = symmetrize(stats["b"][:, 0::2].T, box, 1.0, xp)  # (K, D³)
+    im = symmetrize(stats["b"][:, 1::2].T, box, -1.0, xp)
     rhs = xp.stack([re.T, im.T], -1)  # (D³, K, 2)
     inside = xp.flatnonzero(inside_band_3d(box, xp))
     scale = shell_mean(xp.trace(g, axis1=1, axis2=2) / k, box, xp)[inside]

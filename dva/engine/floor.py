@@ -87,7 +87,7 @@ def measure_cpu_ceilings(workers: int, box: int = 64, repeats: int = 3) -> Ceili
     offsets = np.array([dz * box * box + dy * box + dx for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)])
     index, weights = (base[:, None] + offsets).astype(np.int32), rng.random((m, 8), dtype=np.float32)
     volumes = (rng.random((size, 4)) + 1j * rng.random((size, 4))).astype(np.complex64)
-    values, sums = rng.random((m, 12), dtype=np.float32), np.zeros((12, size))
+    values, sums = rng.random((m, 12)), np.zeros((size, 12))
     source, target = rng.random(16_000_000), np.empty(16_000_000)
     best = {"copy": np.inf, "gather": np.inf, "scatter": np.inf}
     for _ in range(repeats):

@@ -13,31 +13,30 @@ import numpy as np
 
 
 def slice_coordinates(rotations, kx, ky, box: int, xp: ModuleType = np):
-    """Voxel coordinates `(n, P, 3)` as (x, y, z) of the 2D frequencies `(P,)` for poses `(n, 3, 3)`."""
-    k3 = kx[None, :, None] * rotations[:, None, 0, :] + ky[None, :, None] * rotations[:, None, 1, :]
-    return k3 * box + box // 2
+    """Voxel coordinates `(3, n, P)`, axis (x, y, z) first, of the 2D frequencies `(P,)` for poses
+    `(n, 3, 3)` (axis first: every step of `trilinear_stencil` then runs over contiguous rows)."""
+    rx, ry = rotations[:, 0, :].T[:, :, None], rotations[:, 1, :].T[:, :, None]  # (3, n, 1)
+    return (kx[None, None, :] * rx + ky[None, None, :] * ry) * box + box // 2
 
 
 def trilinear_stencil(coords, box: int, xp: ModuleType = np):
-    """Flat voxel indices `(m, 8)` and weights `(m, 8)` of the 8 neighbours of coordinates `(..., 3)`.
+    """Flat voxel indices `(m, 8)` (int32) and weights `(m, 8)` (float32) of the 8 neighbours of
+    coordinates `(3, ...)` (x, y, z), neighbour j = 4·dz + 2·dy + dx, m the points in order.
 
-    Coordinates must lie inside `[0, box − 1]` on every axis (the band limit ensures it); the upper
-    edge is nudged inside so the 8 neighbours exist.
+    Coordinates must lie inside `[0, box − 1]` on every axis (the band limit ensures it); they are
+    clipped there, the upper edge nudged inside so the 8 neighbours exist: every index is a voxel.
     """
-    c = xp.minimum(coords.reshape(-1, 3), box - 1 - 1e-6)
+    c = xp.clip(xp.ascontiguousarray(coords.reshape(3, -1)), 0, box - 1 - 1e-6)
     base = xp.floor(c)
     f = (c - base).astype(xp.float32)
     i = base.astype(xp.int32)  # voxel indices up to D³ (< 2³¹ for any box used)
-    idx, wts = [], []
-    for dz in (0, 1):
-        for dy in (0, 1):
-            for dx in (0, 1):
-                idx.append(((i[:, 2] + dz) * box + (i[:, 1] + dy)) * box + (i[:, 0] + dx))
-                wx = f[:, 0] if dx else 1 - f[:, 0]
-                wy = f[:, 1] if dy else 1 - f[:, 1]
-                wz = f[:, 2] if dz else 1 - f[:, 2]
-                wts.append(wx * wy * wz)
-    return xp.stack(idx, -1), xp.stack(wts, -1)
+    corner = (i[2] * box + i[1]) * box + i[0]
+    offsets = xp.asarray([(dz * box + dy) * box + dx for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)], xp.int32)
+    w = xp.stack([1 - f, f], 1)  # (3, 2, m): the two weights along x, y, z
+    wzy = (w[2][:, None] * w[1][None, :]).reshape(4, -1)
+    weights = (wzy[:, None] * w[0][None, :]).reshape(8, -1)
+    # Built as (8, m) rows (fast), returned point-major: each point's 8 neighbours side by side
+    return xp.ascontiguousarray((offsets[:, None] + corner).T), xp.ascontiguousarray(weights.T)
 
 
 def gridding_correction(box: int, xp: ModuleType = np):
@@ -55,13 +54,13 @@ def gridding_correction(box: int, xp: ModuleType = np):
 
 
 def gather(volumes, index, weights, xp: ModuleType = np):
-    """Trilinear samples `(m, C)` of flattened volumes `(D³, C)` at a stencil `(m, 8)` (real or
-    complex volumes; the result has their dtype)."""
+    """Trilinear samples `(m, C)` of flattened volumes `(D³, C)` at a stencil `(m, 8)` from
+    `trilinear_stencil` (real or complex volumes; the result has their dtype)."""
     if xp is np:  # complex volumes as their real and imaginary parts side by side
         real = np.ascontiguousarray(volumes).view(volumes.real.dtype)
-        return np.ascontiguousarray(_stencil_matrix(index, weights, len(volumes), real.dtype) @ real).view(
-            volumes.dtype
-        )
+        out = np.zeros((len(index), real.shape[1]), real.dtype)
+        _sparse_kernel("csr_matvecs", len(index), len(real), index, weights, real, out)
+        return out.view(volumes.dtype)
     out = volumes.take(index[:, 0], axis=0) * weights[:, 0, None]
     for j in range(1, 8):
         out += volumes.take(index[:, j], axis=0) * weights[:, j, None]
@@ -69,32 +68,48 @@ def gather(volumes, index, weights, xp: ModuleType = np):
 
 
 def insert(values, index, weights, out, xp: ModuleType = np):
-    """Adjoint of `gather` for real channels: add values `(m, C)` into volumes `out (C, D³)` (float64).
+    """Adjoint of `gather` for real channels: add values `(m, C)` into voxel-major volumes
+    `out (D³, C)` (float64), in place, with no temporary the size of `out`.
 
     `out` is a local accumulator and is modified in place; it is also returned.
     """
     if xp is np:
-        out += (_stencil_matrix(index, weights, out.shape[1], values.dtype).T @ values).T
+        if out.dtype != np.float64 or not out.flags.c_contiguous:
+            raise ValueError("insert: out must be a C-contiguous float64 (D³, C) array")
+        # The stencil's CSR arrays read as the CSC arrays of its transpose: out += Aᵀ @ values.
+        _sparse_kernel("csc_matvecs", len(out), len(index), index, weights, values, out)
         return out
     import cupyx
 
-    flat = index.reshape(-1)
-    for c in range(values.shape[1]):
-        column = xp.zeros(out.shape[1], dtype=xp.float64)
-        cupyx.scatter_add(column, flat, (weights * values[:, c, None]).reshape(-1).astype(xp.float64))
-        out[c] += column
+    channels = values.shape[1]
+    spread = (weights.astype(xp.float64)[..., None] * values.astype(xp.float64)[:, None, :]).reshape(-1, channels)
+    cupyx.scatter_add(out, index.reshape(-1), spread)
     return out
 
 
-def _stencil_matrix(index, weights, size: int, dtype):
-    """The SciPy CSR matrix `(m, size)` whose row i holds `weights[i]` at columns `index[i]`: a
-    stencil `(m, 8)` as one sparse operator, so that a gather (`A @ volumes`) or an insertion
-    (`A.T @ values`) passes over the stencil once for every channel (NumPy workers)."""
-    import scipy.sparse
+def _sparse_kernel(name: str, rows: int, cols: int, index, weights, x, out) -> None:
+    """`out += A @ x` in place with SciPy's compiled sparse kernel `name` (`csr_matvecs`: A is the
+    stencil `(m, D³)`; `csc_matvecs`: A is its transpose), A's rows of `index.shape[1]` entries.
+
+    The kernels SciPy's own `A @ x` calls, called directly so that the products land in `out`
+    (no new `(D³, C)` array per batch, no sparse matrix object); every index must be a voxel
+    (`trilinear_stencil` ensures it: the kernel does not check)."""
+    from scipy.sparse import _sparsetools
 
     m, width = index.shape
     indptr = np.arange(0, m * width + 1, width, dtype=index.dtype)
-    return scipy.sparse.csr_matrix((weights.astype(dtype).ravel(), index.ravel(), indptr), shape=(m, size))
+    kernel = getattr(_sparsetools, name)
+    x = np.ascontiguousarray(x, dtype=out.dtype)
+    kernel(
+        rows,
+        cols,
+        out.shape[1],
+        indptr,
+        np.ascontiguousarray(index).ravel(),
+        weights.astype(out.dtype, copy=False).ravel(),
+        x.ravel(),
+        out.ravel(),
+    )
 
 
 def mirror(volumes, xp: ModuleType = np):
