@@ -6,7 +6,15 @@ import pytest
 from dva.em.chunk import make_band
 from dva.ops.filters import to_fourier
 from dva.ops.rotation import random_rotations
-from dva.ops.slice import gather, gridding_correction, insert, slice_coordinates, symmetrize, trilinear_stencil
+from dva.ops.slice import (
+    gather,
+    gridding_correction,
+    insert,
+    slice_coordinates,
+    symmetrize,
+    trilinear_stencil,
+    view_order,
+)
 from tests.conftest import to_host
 from tests.test_mrc import _corr, real_space_projection
 
@@ -123,3 +131,21 @@ def test_fourier_slice_matches_real_space_projection():
     plane = np.zeros((box, box), complex)
     plane[inside] = transposed[: inside.sum(), 0]
     assert _corr(np.fft.fftshift(np.fft.ifft2(plane).real), reference[0]) < 0.95
+
+
+def test_view_order_batches_nearby_slice_planes(xp):
+    """A permutation whose runs of `batch` poses have nearly parallel slice planes: the largest
+    angle between two planes of a batch (normals up to sign), median over batches, against the
+    stored (random) order."""
+    rotations = random_rotations(5000, np.random.default_rng(4))
+    order = to_host(view_order(xp.asarray(rotations), 128, xp))
+    assert np.array_equal(np.sort(order), np.arange(5000))
+
+    def spread(poses):
+        angles = []
+        for lo in range(0, len(poses), 128):
+            normals = poses[lo : lo + 128, 2]
+            angles.append(np.degrees(np.arccos(np.clip(np.abs(normals @ normals.T), 0, 1))).max())
+        return np.median(angles)
+
+    assert spread(rotations) > 85 and spread(rotations[order]) < 35

@@ -16,7 +16,7 @@ import numpy as np
 
 from dva.em.chunk import Band, Chunk
 from dva.em.model import Model
-from dva.ops.slice import gather, insert, slice_coordinates, trilinear_stencil
+from dva.ops.slice import gather, insert, slice_coordinates, trilinear_stencil, view_order
 
 BATCH = 128  # particles per vectorised step (bounds memory)
 ALPHA_RANGE = (0.1, 10.0)  # optimal per-particle scales are clipped to this range
@@ -63,8 +63,9 @@ def em_statistics(
     }
     if statistics:
         sums = xp.zeros((box**3, len(pairs) + 2 * k))
+    order = view_order(chunk.rotation, BATCH, xp)  # batches of nearby slice planes (cache locality)
     for lo in range(0, len(chunk.y), BATCH):
-        sl = slice(lo, lo + BATCH)
+        sl = order[lo : lo + BATCH]
         y, c = chunk.y[sl] * model.data_sign, chunk.ctf[sl]
         n = len(y)
         stencil = trilinear_stencil(slice_coordinates(chunk.rotation[sl], band.kx, band.ky, box, xp), box, xp)
@@ -132,6 +133,8 @@ def em_statistics(
             insert(values.reshape(-1, sums.shape[1]), index, weights, sums, xp)
     if statistics:
         out["G"], out["b"] = sums[:, : len(pairs)], sums[:, len(pairs) :]
-    out["z"] = xp.concatenate(out["z"]) if out["z"] else xp.zeros((0, k))
-    out["alpha"] = xp.concatenate(out["alpha"]) if out["alpha"] else xp.zeros(0)
+    for name, empty in (("z", (0, k)), ("alpha", (0,))):  # back to the chunk's order
+        done = xp.concatenate(out[name]) if out[name] else xp.zeros(empty)
+        out[name] = xp.empty_like(done)
+        out[name][order] = done
     return out

@@ -13,7 +13,7 @@ import numpy as np
 from dva.em.chunk import Band, Chunk, inside_band_3d
 from dva.em.estep import BATCH
 from dva.ops.filters import radius_3d, to_real
-from dva.ops.slice import gridding_correction, insert, slice_coordinates, symmetrize, trilinear_stencil
+from dva.ops.slice import gridding_correction, insert, slice_coordinates, symmetrize, trilinear_stencil, view_order
 
 MEAN_TAU = 1e-3  # τ as a fraction of the shell's mean denominator
 
@@ -28,10 +28,12 @@ def mean_statistics(chunk: Chunk, band: Band, scale: str, xp: ModuleType = np, w
     groups = 1 if weights is None else weights.shape[1]
     half = band.multiplicity / 2  # each sample stands for itself and its mate (see `symmetrize`)
     sums = xp.zeros((box**3, 3 * groups))  # voxel-major: (re, im, den) of each group side by side
+    weights = None if weights is None else xp.asarray(weights)
+    order = view_order(chunk.rotation, BATCH, xp)  # batches of nearby slice planes (cache locality)
     for lo in range(0, len(chunk.y), BATCH):
-        sl = slice(lo, lo + BATCH)
-        alpha = chunk.scale[sl] if scale == "input" else xp.ones(len(chunk.scale[sl]))
-        w = xp.ones((len(alpha), 1)) if weights is None else xp.asarray(weights[sl])
+        sl = order[lo : lo + BATCH]
+        alpha = chunk.scale[sl] if scale == "input" else xp.ones(len(sl))
+        w = xp.ones((len(alpha), 1)) if weights is None else weights[sl]
         index, weights_3d = trilinear_stencil(slice_coordinates(chunk.rotation[sl], band.kx, band.ky, box, xp), box, xp)
         num = (alpha[:, None] * chunk.ctf[sl] * half) * chunk.y[sl]
         den = (alpha[:, None] * chunk.ctf[sl]) ** 2 * half

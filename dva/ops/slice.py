@@ -19,6 +19,22 @@ def slice_coordinates(rotations, kx, ky, box: int, xp: ModuleType = np):
     return (kx[None, None, :] * rx + ky[None, None, :] * ry) * box + box // 2
 
 
+def view_order(rotations, batch: int, xp: ModuleType = np):
+    """An order `(n,)` of poses `(n, 3, 3)` in which each run of `batch` shares nearly one slice plane.
+
+    Consecutive batches then gather from and insert into the same few voxels, which stay in the
+    cache (two CPU workers at box 64: 1.5x the particles per second of the stored order). The key
+    is the plane's normal `A[2]` up to sign: √(n / 2·batch) bands of polar angle (the count that
+    gave the tightest batches for random poses), each walked in azimuth, back and forth."""
+    normal = rotations[:, 2, :] * xp.where(rotations[:, 2, 2:3] < 0, -1.0, 1.0)
+    bands = max(1, int(np.sqrt(len(rotations) / (2 * batch))))
+    polar = xp.arccos(xp.clip(normal[:, 2], -1.0, 1.0)) / (np.pi / 2)  # [0, 1]
+    band = xp.minimum(xp.floor(polar * bands), bands - 1)
+    azimuth = xp.arctan2(normal[:, 1], normal[:, 0])  # [-π, π]
+    snake = xp.where(band % 2 == 1, -azimuth, azimuth)
+    return xp.argsort(band * 8 + snake, kind="stable")
+
+
 def trilinear_stencil(coords, box: int, xp: ModuleType = np):
     """Flat voxel indices `(m, 8)` (int32) and weights `(m, 8)` (float32) of the 8 neighbours of
     coordinates `(3, ...)` (x, y, z), neighbour j = 4·dz + 2·dy + dx, m the points in order.
