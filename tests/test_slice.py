@@ -63,12 +63,18 @@ def test_gather_and_insert_match_direct_sums(xp):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
-def test_insert_refuses_an_accumulator_it_cannot_add_into():
-    """A strided or float32 accumulator would be copied and the sums lost: an error instead."""
+def test_kernels_refuse_an_accumulator_or_stencil_they_cannot_use():
+    """A strided or float32 accumulator would be copied and the sums lost, a stencil of another box
+    would read or write outside the volumes: errors instead."""
     index, weights = np.zeros((3, 8), np.int32), np.ones((3, 8), np.float32)
     for bad in (np.zeros((4, 8))[:, ::2], np.zeros((4, 2), np.float32)):
         with pytest.raises(ValueError, match="C-contiguous float64"):
             insert(np.ones((3, 2)), index, weights, bad)
+    # A stencil of a larger box than the volumes: an error, not writes outside them
+    with pytest.raises(ValueError, match="outside the 4 voxels"):
+        insert(np.ones((3, 2)), index + 4, weights, np.zeros((4, 2)))
+    with pytest.raises(ValueError, match="outside the 4 voxels"):
+        gather(np.ones((4, 2)), index + 4, weights)
 
 
 def test_half_plane_insertion_with_mates_equals_full_plane(xp):

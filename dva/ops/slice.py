@@ -108,11 +108,14 @@ def _sparse_kernel(name: str, rows: int, cols: int, index, weights, x, out) -> N
     stencil `(m, D³)`; `csc_matvecs`: A is its transpose), A's rows of `index.shape[1]` entries.
 
     The kernels SciPy's own `A @ x` calls, called directly so that the products land in `out`
-    (no new `(D³, C)` array per batch, no sparse matrix object); every index must be a voxel
-    (`trilinear_stencil` ensures it: the kernel does not check)."""
+    (no new `(D³, C)` array per batch, no sparse matrix object). The kernel does not check its
+    indices, so they are checked here: a stencil of another box would write outside `out`."""
     from scipy.sparse import _sparsetools
 
     m, width = index.shape
+    voxels = cols if name == "csr_matvecs" else rows
+    if index.size and (int(index.min()) < 0 or int(index.max()) >= voxels):
+        raise ValueError(f"{name}: stencil indices outside the {voxels} voxels of the volumes")
     indptr = np.arange(0, m * width + 1, width, dtype=index.dtype)
     kernel = getattr(_sparsetools, name)
     x = np.ascontiguousarray(x, dtype=out.dtype)
