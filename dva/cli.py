@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import sys
 import warnings
@@ -52,12 +53,22 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"warning: {message}", file=sys.stderr)
 
 
+def _stop(signum: int, frame) -> None:
+    """Ctrl-C or SIGTERM: unwind (so temporary outputs are removed and the run says where it
+    stopped), with logging off: the cluster's teardown then logs cancelled callbacks, closed comms
+    and lost scattered data as errors with tracebacks, which say nothing to the user."""
+    logging.disable(logging.CRITICAL)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    sys.exit(128 + signum)
+
+
 @contextmanager
 def _user_errors() -> Iterator[None]:
     """Print format warnings, a DvaInputError (exit code 2) and a DvaClusterError (exit code 1) as one
     line each on stderr."""
-    # SIGTERM unwinds like Ctrl-C, so temporary outputs are removed.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     with warnings.catch_warnings():
         warnings.simplefilter("always", DvaFormatWarning)
         warnings.showwarning = _show_warning
