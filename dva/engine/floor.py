@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from dva.em.chunk import make_band
-from dva.ops.slice import gather, insert
+from dva.ops.slice import gather, insert, neighbour_offsets
 
 
 @dataclass(frozen=True)
@@ -84,8 +84,7 @@ def measure_cpu_ceilings(workers: int, box: int = 64, repeats: int = 3) -> Ceili
     rng = np.random.default_rng(0)
     size, m = box**3, 500_000
     base = np.sort(rng.integers(0, size - box * box - box - 1, m))  # slices touch neighbouring voxels
-    offsets = np.array([dz * box * box + dy * box + dx for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)])
-    index, weights = (base[:, None] + offsets).astype(np.int32), rng.random((m, 8), dtype=np.float32)
+    index, weights = (base[:, None] + neighbour_offsets(box)).astype(np.int32), rng.random((m, 8), dtype=np.float32)
     volumes = (rng.random((size, 4)) + 1j * rng.random((size, 4))).astype(np.complex64)
     values, sums = rng.random((m, 12)), np.zeros((size, 12))
     source, target = rng.random(16_000_000), np.empty(16_000_000)

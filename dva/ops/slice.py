@@ -35,6 +35,11 @@ def view_order(rotations, batch: int, xp: ModuleType = np):
     return xp.argsort(band * 8 + snake, kind="stable")
 
 
+def neighbour_offsets(box: int, xp: ModuleType = np):
+    """Flat-index offsets `(8,)` (int32) of a voxel's trilinear neighbours, j = 4·dz + 2·dy + dx."""
+    return xp.asarray([(dz * box + dy) * box + dx for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)], xp.int32)
+
+
 def trilinear_stencil(coords, box: int, xp: ModuleType = np):
     """Flat voxel indices `(m, 8)` (int32) and weights `(m, 8)` (float32) of the 8 neighbours of
     coordinates `(3, ...)` (x, y, z), neighbour j = 4·dz + 2·dy + dx, m the points in order.
@@ -47,12 +52,11 @@ def trilinear_stencil(coords, box: int, xp: ModuleType = np):
     f = (c - base).astype(xp.float32)
     i = base.astype(xp.int32)  # voxel indices up to D³ (< 2³¹ for any box used)
     corner = (i[2] * box + i[1]) * box + i[0]
-    offsets = xp.asarray([(dz * box + dy) * box + dx for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)], xp.int32)
     w = xp.stack([1 - f, f], 1)  # (3, 2, m): the two weights along x, y, z
     wzy = (w[2][:, None] * w[1][None, :]).reshape(4, -1)
     weights = (wzy[:, None] * w[0][None, :]).reshape(8, -1)
     # Built as (8, m) rows (fast), returned point-major: each point's 8 neighbours side by side
-    return xp.ascontiguousarray((offsets[:, None] + corner).T), xp.ascontiguousarray(weights.T)
+    return xp.ascontiguousarray((neighbour_offsets(box, xp)[:, None] + corner).T), xp.ascontiguousarray(weights.T)
 
 
 def gridding_correction(box: int, xp: ModuleType = np):
