@@ -87,6 +87,29 @@ def test_a_pass_longer_than_the_stall_check_finishes(store, cluster, monkeypatch
     assert found == [b - a for a, b in placement.ranges]
 
 
+def test_tasks_are_pinned_where_their_chunks_are(store, cluster):
+    """Each worker holds the chunks of its equal share of particles, and `locate` keeps every task
+    on the worker holding its chunk (`who_has` answers in its own order, not the tasks': pinning by
+    position dealt 7,200 of 20,000 particles to the wrong worker, each pass 1.6x its share)."""
+    from distributed import wait
+
+    from dva.engine.placement import place_chunks
+
+    client = cluster.client
+    placement = place_chunks(client, str(store[0]), 600, 50, 32, "numpy")
+    wait(placement.sources)
+    placement.locate(client)
+    holders = client.who_has(placement.sources)
+    assert len(placement.sources) == 12
+    assert all(list(holders[s.key]) == [w] for s, w in zip(placement.sources, placement.workers, strict=True))
+    shares = {
+        w: sum(b - a for (a, b), o in zip(placement.ranges, placement.workers, strict=True) if o == w)
+        for w in set(placement.workers)
+    }
+    assert sorted(shares.values()) == [300, 300]
+    placement.release(client)
+
+
 def _slow_count(source, seconds: float) -> int:
     import time
 

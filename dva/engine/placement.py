@@ -103,12 +103,13 @@ class Placement:
         ]
 
     def locate(self, client: Client) -> None:
-        """Pin each resident chunk's tasks to the worker that holds it now."""
-        resident = [s for s in self.sources if isinstance(s, Future)]
-        holders = dict(zip([f.key for f in resident], client.who_has(resident).values(), strict=True))
+        """Pin each resident chunk's tasks to a worker that holds it now (the one they are pinned
+        to while it still does). `who_has` answers by key, in its own order."""
+        holders = client.who_has([s for s in self.sources if isinstance(s, Future)])
         for i, source in enumerate(self.sources):
-            if isinstance(source, Future) and holders.get(source.key):
-                self.workers[i] = next(iter(holders[source.key]))
+            held = sorted(holders.get(source.key, ())) if isinstance(source, Future) else []
+            if held and self.workers[i] not in held:
+                self.workers[i] = held[0]
 
     def settle(self, client: Client, futures: list[Future]) -> bool:
         """Wait for `futures`. False when they cannot finish: one was cancelled (its scattered
