@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import itertools
+import uuid
 from collections.abc import Callable
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
@@ -23,8 +24,8 @@ from distributed import Client, Future, wait
 from distributed.comm.core import CommClosedError
 
 from dva.em.chunk import chunk_bytes_per_particle, make_band
-from dva.engine.reduce import tree_sum
-from dva.engine.tasks import ChunkSource, load_chunk, store_error
+from dva.engine.reduce import add_partials
+from dva.engine.tasks import ChunkSource, collect_held, held, load_chunk, store_error
 from dva.errors import DvaClusterError, DvaInputError
 
 MIN_TASK = 64  # fewest particles per task
@@ -58,22 +59,30 @@ class Placement:
         total: bool = True,
     ):
         """`function(chunk, [shared,] *args[, per_task[i]])` over every task: the sum of the results
-        (`tree_sum`) when `total`, else their list. `shared` (the model) goes to every worker once.
+        (`add_partials` in task order, the volume-sized sums added up on each worker as its tasks
+        finish, see `tasks.held`) when `total`, else their list. `shared` (the model) goes to every
+        worker once.
 
-        A pass that cannot finish (see `settle`) starts again with its tasks on the workers that are
-        left, up to `ATTEMPTS` times; the results do not depend on where tasks ran."""
+        A pass that cannot finish (see `settle`), or whose workers' sums do not hold every task
+        exactly once, starts again with its tasks on the workers that are left, up to `ATTEMPTS`
+        times."""
         for _ in range(ATTEMPTS):
             scattered = []
+            key = f"{getattr(function, '__name__', 'pass')}-{uuid.uuid4().hex}"
             try:
                 client.wait_for_workers(1)
                 if shared is not None:
                     scattered.append(_scatter(client, shared))
-                outs = self.submit(client, function, *scattered, *args, per_task=per_task)
-                if total:
-                    outs = [tree_sum(client, outs)]
+                outs = self.submit(
+                    client, function, *scattered, *args, per_task=per_task, held_key=key if total else None
+                )
                 if self.settle(client, outs):
                     found = client.gather(outs)
-                    return found[0] if total else found
+                    if not total:
+                        return found
+                    sums = _collect(client, key, len(outs))
+                    if sums is not None:
+                        return {**add_partials(*found), **sums}
                 client.cancel(outs)
             except (CancelledError, CommClosedError):
                 pass  # workers were lost with what the pass needed (the scattered model with its holders)
@@ -81,17 +90,23 @@ class Placement:
                 # Kept until the results are in: recomputing partials lost with a worker needs it.
                 for future in scattered:
                     future.release()
+            if total:
+                with contextlib.suppress(Exception):
+                    client.run(collect_held, key, on_error="ignore")  # what a failed pass left on the workers
             self.repin(client)
         raise DvaClusterError(
             f"a pass over the particles lost its workers {ATTEMPTS} times (see the workers' logs: memory "
             "limit, pre-emption?); run the same command with --resume to continue from the last iteration"
         )
 
-    def submit(self, client: Client, function: Callable, *args, per_task: list | None = None) -> list[Future]:
-        """`function(chunk, *args[, per_task[i]])` for every task, on its worker (movable when it is gone)."""
+    def submit(
+        self, client: Client, function: Callable, *args, per_task: list | None = None, held_key: str | None = None
+    ) -> list[Future]:
+        """`function(chunk, *args[, per_task[i]])` for every task, on its worker (movable when it is
+        gone); through `tasks.held` as task i of pass `held_key` when given."""
         return [
             client.submit(
-                function,
+                *((function,) if held_key is None else (held, function, held_key, i)),
                 source,
                 *args,
                 *(() if per_task is None else (per_task[i],)),
@@ -206,6 +221,18 @@ def place_chunks(
         sources.append(source)
         workers.append(worker)
     return Placement(ranges, chunks, sources, workers)
+
+
+def _collect(client: Client, key: str, tasks: int) -> dict | None:
+    """The volume-sized sums of pass `key`, added up over the workers (in address order); None when
+    the workers' sums do not hold each of its `tasks` exactly once (a worker was lost, or a task ran twice)."""
+    held_by = client.run(collect_held, key, on_error="return")
+    if any(isinstance(found, BaseException) for found in held_by.values()):
+        return None
+    if sorted(i for ran, _ in held_by.values() for i in ran) != list(range(tasks)):
+        return None
+    parts = [sums for _, (ran, sums) in sorted(held_by.items()) if ran]
+    return add_partials(*parts) if parts else {}
 
 
 def _scatter(client: Client, shared: object) -> Future:

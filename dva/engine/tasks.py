@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from types import ModuleType
 
@@ -17,6 +19,10 @@ from dva.em.model import Model
 from dva.io.table import CTF_FIELDS
 
 ROW_FIELDS = ("rotation", "shift_px", "pixel_size_A", *CTF_FIELDS)
+VOLUME_SUMS = ("G", "b", "num", "den")  # the volume-sized sums a worker keeps through a pass (`held`)
+_HELD: dict[str, tuple[list[int], dict]] = {}  # this worker's running sums, by pass: (its tasks, sums)
+_COLLECTED: set[str] = set()  # passes already collected here: a task still running then adds nothing
+_HELD_LOCK = threading.Lock()  # a worker with several threads runs several tasks at once
 
 
 def array_module(backend: str) -> ModuleType:
@@ -73,8 +79,41 @@ def _band(box: int, backend: str) -> Band:
 
 
 def _host(d: dict) -> dict:
-    """Arrays back to NumPy (partials travel between workers and to the driver)."""
-    return {k: (v.get() if hasattr(v, "get") and not isinstance(v, float) else v) for k, v in d.items()}
+    """Arrays back to NumPy (partials travel between workers and to the driver), but the
+    volume-sized sums: `held` keeps those where they are until the end of the pass."""
+    return {
+        k: (v.get() if hasattr(v, "get") and not isinstance(v, float) and k not in VOLUME_SUMS else v)
+        for k, v in d.items()
+    }
+
+
+def held(function: Callable, key: str, index: int, *args) -> dict:
+    """`function(*args)`, task `index` of pass `key`, with its volume-sized sums (`VOLUME_SUMS`)
+    added into this worker's running sums of the pass instead of returned: one set per worker
+    travels at the end of the pass (`collect_held`), not one per task (device memory stays on the
+    device until then)."""
+    out = function(*args)
+    with _HELD_LOCK:
+        if key in _COLLECTED:  # a task of a cancelled pass, finishing late
+            return out
+        tasks, sums = _HELD.setdefault(key, ([], {}))
+        for name in VOLUME_SUMS:
+            if name in out:
+                part = out.pop(name)
+                if name in sums:
+                    sums[name] += part
+                else:
+                    sums[name] = part
+        tasks.append(index)
+    return out
+
+
+def collect_held(key: str) -> tuple[list[int], dict]:
+    """The tasks this worker ran in pass `key` and their summed volume-sized sums (NumPy), forgotten here."""
+    with _HELD_LOCK:
+        _COLLECTED.add(key)
+        tasks, sums = _HELD.pop(key, ([], {}))
+    return tasks, {k: (v.get() if hasattr(v, "get") else v) for k, v in sums.items()}
 
 
 def mean_partial(
