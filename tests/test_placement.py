@@ -146,6 +146,8 @@ def test_a_task_finishing_after_its_pass_was_collected_adds_nothing():
 
     for i in (0, 1):
         held(lambda: {"G": np.ones(3), "particles": 1}, "late", i)
-    assert collect_held("late")[0] == [0, 1]
+    collected = collect_held("late")
+    assert collected["tasks"] == [0, 1]
+    np.testing.assert_array_equal(collected["G"], 2 * np.ones(3))
     out = held(lambda: {"G": np.ones(3), "particles": 1}, "late", 2)
-    assert collect_held("late") == ([], {}) and out["particles"] == 1
+    assert collect_held("late") == {"tasks": []} and out["particles"] == 1

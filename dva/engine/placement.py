@@ -24,7 +24,7 @@ from distributed import Client, Future, wait
 from distributed.comm.core import CommClosedError
 
 from dva.em.chunk import chunk_bytes_per_particle, make_band
-from dva.engine.reduce import add_partials
+from dva.engine.reduce import add_partials, tree_sum
 from dva.engine.tasks import ChunkSource, collect_held, held, load_chunk, store_error
 from dva.errors import DvaClusterError, DvaInputError
 
@@ -59,8 +59,8 @@ class Placement:
         total: bool = True,
     ):
         """`function(chunk, [shared,] *args[, per_task[i]])` over every task: the sum of the results
-        (`add_partials` in task order, the volume-sized sums added up on each worker as its tasks
-        finish, see `tasks.held`) when `total`, else their list. `shared` (the model) goes to every
+        (`add_partials` in task order; the volume-sized sums added up on each worker as its tasks
+        finish, see `tasks.held`, then over the workers in a tree) when `total`, else their list. `shared` (the model) goes to every
         worker once.
 
         A pass that cannot finish (see `settle`), or whose workers' sums do not hold every task
@@ -224,15 +224,15 @@ def place_chunks(
 
 
 def _collect(client: Client, key: str, tasks: int) -> dict | None:
-    """The volume-sized sums of pass `key`, added up over the workers (in address order); None when
-    the workers' sums do not hold each of its `tasks` exactly once (a worker was lost, or a task ran twice)."""
-    held_by = client.run(collect_held, key, on_error="return")
-    if any(isinstance(found, BaseException) for found in held_by.values()):
-        return None
-    if sorted(i for ran, _ in held_by.values() for i in ran) != list(range(tasks)):
-        return None
-    parts = [sums for _, (ran, sums) in sorted(held_by.items()) if ran]
-    return add_partials(*parts) if parts else {}
+    """The volume-sized sums of pass `key`: each worker's (`collect_held`, a task on it) summed in a
+    tree on the workers, the total gathered; None when they do not hold each of its `tasks` exactly
+    once (a worker was lost, or a task ran twice)."""
+    held_by = [
+        client.submit(collect_held, key, pure=False, workers=[worker], allow_other_workers=True)
+        for worker in sorted(client.ncores())
+    ]
+    total = client.gather(tree_sum(client, held_by))
+    return total if sorted(total.pop("tasks")) == list(range(tasks)) else None
 
 
 def _scatter(client: Client, shared: object) -> Future:

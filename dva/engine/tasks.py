@@ -108,12 +108,13 @@ def held(function: Callable, key: str, index: int, *args) -> dict:
     return out
 
 
-def collect_held(key: str) -> tuple[list[int], dict]:
-    """The tasks this worker ran in pass `key` and their summed volume-sized sums (NumPy), forgotten here."""
+def collect_held(key: str) -> dict:
+    """This worker's summed volume-sized sums of pass `key` (NumPy) and `tasks`, the indices of the
+    tasks they hold; forgotten here."""
     with _HELD_LOCK:
         _COLLECTED.add(key)
         tasks, sums = _HELD.pop(key, ([], {}))
-    return tasks, {k: (v.get() if hasattr(v, "get") else v) for k, v in sums.items()}
+    return {"tasks": tasks, **{k: (v.get() if hasattr(v, "get") else v) for k, v in sums.items()}}
 
 
 def mean_partial(
