@@ -52,11 +52,11 @@ def trilinear_stencil(coords, box: int, xp: ModuleType = np):
     f = (c - base).astype(xp.float32)
     i = base.astype(xp.int32)  # voxel indices up to D³ (< 2³¹ for any box used)
     corner = (i[2] * box + i[1]) * box + i[0]
-    w = xp.stack([1 - f, f], 1)  # (3, 2, m): the two weights along x, y, z
-    wzy = (w[2][:, None] * w[1][None, :]).reshape(4, -1)
-    weights = (wzy[:, None] * w[0][None, :]).reshape(8, -1)
-    # Built as (8, m) rows (fast), returned point-major: each point's 8 neighbours side by side
-    return xp.ascontiguousarray((neighbour_offsets(box, xp)[:, None] + corner).T), xp.ascontiguousarray(weights.T)
+    w = xp.stack([1 - f, f], 1).transpose(2, 0, 1)  # (m, 3, 2): each point's two weights along x, y, z
+    wzy = (w[:, 2, :, None] * w[:, 1, None, :]).reshape(-1, 4)
+    weights = (wzy[:, :, None] * w[:, 0, None, :]).reshape(-1, 8)  # point-major from the start: 5x faster
+    # Indices built as (8, m) rows (faster than an inner axis of 8), returned point-major
+    return xp.ascontiguousarray((neighbour_offsets(box, xp)[:, None] + corner).T), weights
 
 
 def gridding_correction(box: int, xp: ModuleType = np):
