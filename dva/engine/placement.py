@@ -110,6 +110,7 @@ class Placement:
                 source,
                 *args,
                 *(() if per_task is None else (per_task[i],)),
+                key=None if held_key is None else f"{held_key}-{i}",  # named for `function` on the dashboard
                 pure=False,
                 workers=[worker],
                 allow_other_workers=True,
