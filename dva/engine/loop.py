@@ -1,9 +1,9 @@
 """The 3DVA job as map-reduce passes over zarr chunks (DESIGN.md §2–3).
 
 Pass 0 reconstructs the mean; every iteration is one pass (E-step and M-step statistics per
-chunk, summed on each worker, then over the workers in a tree); a last pass computes the coordinates with the final components. Chunks
-are read and prepared on the workers once and stay there; the model is scattered once per
-iteration; the driver only solves per voxel and filters.
+chunk, summed on each worker, then over the workers in a tree); a last pass computes the
+coordinates with the final components. Chunks are read and prepared on the workers once and stay
+there; the model is scattered once per iteration; the driver only solves per voxel and filters.
 """
 
 from __future__ import annotations

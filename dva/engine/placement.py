@@ -60,8 +60,8 @@ class Placement:
     ):
         """`function(chunk, [shared,] *args[, per_task[i]])` over every task: the sum of the results
         (`add_partials` in task order; the volume-sized sums added up on each worker as its tasks
-        finish, see `tasks.held`, then over the workers in a tree) when `total`, else their list. `shared` (the model) goes to every
-        worker once.
+        finish, see `tasks.held`, then over the workers in a tree) when `total`, else their list.
+        `shared` (the model) goes to every worker once.
 
         A pass that cannot finish (see `settle`), or whose workers' sums do not hold every task
         exactly once, starts again with its tasks on the workers that are left, up to `ATTEMPTS`
@@ -123,9 +123,9 @@ class Placement:
         to while it still does). `who_has` answers by key, in its own order."""
         holders = client.who_has([s for s in self.sources if isinstance(s, Future)])
         for i, source in enumerate(self.sources):
-            held = sorted(holders.get(source.key, ())) if isinstance(source, Future) else []
-            if held and self.workers[i] not in held:
-                self.workers[i] = held[0]
+            holding = sorted(holders.get(source.key, ())) if isinstance(source, Future) else []
+            if holding and self.workers[i] not in holding:
+                self.workers[i] = holding[0]
 
     def settle(self, client: Client, futures: list[Future]) -> bool:
         """Wait for `futures`. False when they cannot finish: one was cancelled (its scattered
