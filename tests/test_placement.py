@@ -151,3 +151,42 @@ def test_a_task_finishing_after_its_pass_was_collected_adds_nothing():
     np.testing.assert_array_equal(collected["G"], 2 * np.ones(3))
     out = held(lambda: {"G": np.ones(3), "particles": 1}, "late", 2)
     assert collect_held("late") == {"tasks": []} and out["particles"] == 1
+
+
+def test_each_worker_reads_its_next_streamed_chunk_ahead(store, cluster):
+    """Streamed tasks name the range their worker streams next, in the order it runs them, and the
+    last names the first (read ahead for the next pass); resident tasks name none."""
+    from distributed import Future
+
+    from dva.engine import placement as placement_module
+
+    two_chunks = 2 * 100 * chunk_bytes_per_particle(make_band(32))
+    placement = placement_module.place_chunks(cluster.client, str(store[0]), 600, 100, 32, "numpy", two_chunks)
+    for worker in set(placement.workers):
+        mine = [i for i, w in enumerate(placement.workers) if w == worker]
+        streamed = [i for i in mine if not isinstance(placement.sources[i], Future)]
+        assert len(mine) == 4 and len(streamed) == 1  # 100 + 50 + 50 particles resident, 100 streamed
+        only = placement.sources[streamed[0]]
+        assert only.following == (only.start, only.stop)  # one streamed chunk: itself, for the next pass
+    placement.release(cluster.client)
+    streamed = placement_module.place_chunks(cluster.client, str(store[0]), 600, 100, 32, "numpy", 0)
+    for worker in set(streamed.workers):
+        mine = [s for s, w in zip(streamed.sources, streamed.workers, strict=True) if w == worker]
+        assert [s.following for s in mine] == [(s.start, s.stop) for s in mine[1:] + mine[:1]]
+
+
+def test_a_chunk_read_ahead_is_the_chunk_read_now_and_is_read_once(store, monkeypatch):
+    from dva.engine import tasks
+
+    reads = []
+    read = tasks.read_chunk
+    monkeypatch.setattr(tasks, "read_chunk", lambda source: reads.append(source.start) or read(source))
+    first = tasks.ChunkSource(str(store[0]), 0, 100, 32, "numpy", following=(300, 400))
+    second = tasks.ChunkSource(str(store[0]), 300, 400, 32, "numpy", following=(0, 100))
+    tasks._resolve(first)
+    chunk = tasks._resolve(second)  # taken from the read ahead; (0, 100) is read ahead in its place
+    tasks.drop_read_ahead()
+    assert sorted(reads) == [0, 0, 300]
+    direct = tasks.load_chunk(tasks.ChunkSource(str(store[0]), 300, 400, 32, "numpy"))
+    for name in ("y", "ctf", "rotation", "scale"):
+        np.testing.assert_array_equal(getattr(chunk, name), getattr(direct, name))

@@ -3,7 +3,8 @@
 The particles are split into tasks, the same number of particles for every worker. Each worker keeps
 its chunks prepared and resident (host memory on CPU workers, device memory on GPU workers) while
 they fit in `RESIDENT_FRACTION` of the memory it has left; the rest are streamed: read from the store and
-prepared again inside every task that needs them, then dropped. Tasks are pinned to their worker
+prepared again inside every task that needs them, then dropped (each worker reads its next
+streamed chunk in the background while a task works on the one before). Tasks are pinned to their worker
 but may move when it is gone (dask then recomputes what was lost). When every worker a pass's
 tasks were pinned to has gone, dask keeps those tasks for the lost addresses even where other
 workers may run them (dask/distributed#7346): `settle` notices, and `repin` deals them out again.
@@ -17,7 +18,7 @@ import itertools
 import uuid
 from collections.abc import Callable
 from concurrent.futures import CancelledError
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import psutil
 from distributed import Client, Future, wait
@@ -25,7 +26,7 @@ from distributed.comm.core import CommClosedError
 
 from dva.em.chunk import chunk_bytes_per_particle, make_band
 from dva.engine.reduce import add_partials, tree_sum
-from dva.engine.tasks import ChunkSource, collect_held, held, load_chunk, store_error
+from dva.engine.tasks import ChunkSource, collect_held, drop_read_ahead, held, load_chunk, store_error
 from dva.errors import DvaClusterError, DvaInputError
 
 MIN_TASK = 64  # fewest particles per task
@@ -157,9 +158,24 @@ class Placement:
             if isinstance(self.sources[i], Future):
                 self.sources[i] = _load(client, self.chunks[i], self.workers[i])
         client.cancel(stale)
+        self.link()
+
+    def link(self) -> None:
+        """Point each streamed task at the range its worker streams next, to be read ahead while the
+        task works (`tasks.read_ahead`); a worker's last streamed task reads its first, for the next pass."""
+        for worker in set(self.workers):
+            mine = [
+                i
+                for i, (s, w) in enumerate(zip(self.sources, self.workers, strict=True))
+                if w == worker and not isinstance(s, Future)
+            ]
+            for i, j in zip(mine, mine[1:] + mine[:1], strict=True):
+                self.sources[i] = replace(self.chunks[i], following=self.ranges[j])
 
     def release(self, client: Client) -> None:
         client.cancel([s for s in self.sources if isinstance(s, Future)])
+        with contextlib.suppress(Exception):
+            client.run(drop_read_ahead, on_error="ignore")
 
 
 def deal_tasks(n: int, chunk: int, workers: int) -> tuple[list[tuple[int, int]], list[int]]:
@@ -221,7 +237,9 @@ def place_chunks(
             source = _load(client, source, worker)
         sources.append(source)
         workers.append(worker)
-    return Placement(ranges, chunks, sources, workers)
+    placement = Placement(ranges, chunks, sources, workers)
+    placement.link()
+    return placement
 
 
 def _collect(client: Client, key: str, tasks: int) -> dict | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from types import ModuleType
 
@@ -35,27 +36,82 @@ def array_module(backend: str) -> ModuleType:
 
 @dataclass(frozen=True)
 class ChunkSource:
-    """Where a task finds particles `start:stop` of a store (path or fsspec URL), prepared at `box`."""
+    """Where a task finds particles `start:stop` of a store (path or fsspec URL), prepared at `box`;
+    `following`, when streamed: the particle range its worker streams next, read ahead meanwhile."""
 
     store: str
     start: int
     stop: int
     box: int
     backend: str
+    following: tuple[int, int] | None = None
 
 
-def load_chunk(source: ChunkSource) -> Chunk:
-    """Read `source`'s particles on this worker and prepare them."""
-    xp = array_module(source.backend)
+@dataclass(frozen=True)
+class Read:
+    """A chunk's stored images `(n, D1, D1)` float32 (page-locked host memory for GPU workers),
+    its table rows and the store's `original_box`: what `prepare_chunk` takes."""
+
+    images: np.ndarray
+    rows: dict[str, np.ndarray]
+    original_box: int
+
+
+_READER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dva-read-ahead")
+_AHEAD: dict[ChunkSource, Future] = {}  # the read ahead on this worker, by source (at most one)
+_AHEAD_LOCK = threading.RLock()  # `read_ahead` drops others while holding it
+
+
+def read_chunk(source: ChunkSource) -> Read:
+    """Read `source`'s particles from the store into host memory."""
     root = zarr.open_group(source.store, mode="r")
-    images = root["images"][source.start : source.stop]
+    images = root["images"]
+    if source.backend == "cupy":  # page-locked: copied to the device at full speed (55 vs 10 GB/s)
+        import cupyx
+
+        out = cupyx.empty_pinned((source.stop - source.start, *images.shape[1:]), images.dtype)
+        out[...] = images[source.start : source.stop]
+    else:
+        out = images[source.start : source.stop]
     # chunks=None: plain lazy arrays. Dask-backed ones would be computed through the worker's
     # client from inside this task, queued behind the tasks that wait for them (a streamed pass
     # under --memory-limit crawled for 16 minutes in its mean pass that way).
     table = xr.open_zarr(source.store, group="particles", consolidated=False, chunks=None)
     table = table.isel(particle=slice(source.start, source.stop))
-    rows = {name: table[name].to_numpy() for name in ROW_FIELDS}
-    return prepare_chunk(images, rows, _band(source.box, source.backend), int(root.attrs["original_box"]), xp)
+    return Read(out, {name: table[name].to_numpy() for name in ROW_FIELDS}, int(root.attrs["original_box"]))
+
+
+def load_chunk(source: ChunkSource) -> Chunk:
+    """Read `source`'s particles on this worker and prepare them."""
+    return _prepare(source, read_chunk(source))
+
+
+def _prepare(source: ChunkSource, read: Read) -> Chunk:
+    xp = array_module(source.backend)
+    return prepare_chunk(read.images, read.rows, _band(source.box, source.backend), read.original_box, xp)
+
+
+def read_ahead(source: ChunkSource) -> Read:
+    """`source`'s particles, read: taken from the read ahead when it is there, else read now. Then
+    the next range (`source.following`) is read ahead in a background thread while the caller works
+    on this one, replacing any other read ahead (one chunk is held, not more)."""
+    plain = replace(source, following=None)
+    with _AHEAD_LOCK:
+        pending = _AHEAD.pop(plain, None)
+        if source.following is not None:
+            following = replace(plain, start=source.following[0], stop=source.following[1])
+            if following not in _AHEAD:
+                drop_read_ahead()
+                _AHEAD[following] = _READER.submit(read_chunk, following)
+    return pending.result() if pending is not None else read_chunk(plain)
+
+
+def drop_read_ahead() -> None:
+    """Forget this worker's read ahead (the end of a run, or another chunk read ahead instead)."""
+    with _AHEAD_LOCK:
+        for pending in _AHEAD.values():
+            pending.cancel()
+        _AHEAD.clear()
 
 
 def store_error(store: str) -> str | None:
@@ -68,8 +124,9 @@ def store_error(store: str) -> str | None:
 
 
 def _resolve(chunk: Chunk | ChunkSource) -> Chunk:
-    """A resident chunk as it is; a streamed one read now (and dropped after the task)."""
-    return load_chunk(chunk) if isinstance(chunk, ChunkSource) else chunk
+    """A resident chunk as it is; a streamed one read (ahead, when it was) and prepared now, dropped
+    after the task."""
+    return _prepare(chunk, read_ahead(chunk)) if isinstance(chunk, ChunkSource) else chunk
 
 
 @functools.lru_cache(maxsize=4)
