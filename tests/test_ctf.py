@@ -43,3 +43,33 @@ def test_rfft_grid_is_the_half_plane():
     np.testing.assert_allclose(ky, full_y)
     np.testing.assert_allclose(kx[0, :8], full_x[0, :8])
     assert kx[0, 8] == pytest.approx(0.25)
+
+
+def test_ctf_equals_the_textbook_formula_at_random_frequencies_and_parameters():
+    """Against the formula written out with the pixel's angle (arctan2) and two trigonometric terms,
+    float64: astigmatism at every angle, phase plate, B-factor, the origin, batches."""
+    rng = np.random.default_rng(5)
+    n = 7
+    ky, kx = rng.uniform(-0.5, 0.5, (2, 1, 300))
+    kx[0, :3], ky[0, :3] = 0.0, (0.0, 0.2, -0.3)  # the origin and the ky axis
+    p = {
+        "defocus_u_A": rng.uniform(5e3, 3e4, (n, 1)),
+        "defocus_v_A": rng.uniform(5e3, 3e4, (n, 1)),
+        "defocus_angle_rad": rng.uniform(-np.pi, np.pi, (n, 1)),
+        "voltage_kV": rng.choice([200.0, 300.0], (n, 1)),
+        "cs_mm": rng.uniform(0, 3, (n, 1)),
+        "amp_contrast": rng.uniform(0, 0.2, (n, 1)),
+        "phase_shift_rad": rng.uniform(0, np.pi / 2, (n, 1)),
+        "bfactor_A2": rng.uniform(0, 100, (n, 1)),
+    }
+    lam = electron_wavelength_A(p["voltage_kV"])
+    s2 = kx**2 + ky**2
+    defocus = 0.5 * (p["defocus_u_A"] + p["defocus_v_A"]) + 0.5 * (p["defocus_u_A"] - p["defocus_v_A"]) * np.cos(
+        2 * (np.arctan2(ky, kx) - p["defocus_angle_rad"])
+    )
+    chi = np.pi * lam * defocus * s2 - np.pi / 2 * p["cs_mm"] * 1e7 * lam**3 * s2**2 + p["phase_shift_rad"]
+    w = p["amp_contrast"]
+    expected = np.exp(-p["bfactor_A2"] * s2 / 4) * (np.sqrt(1 - w**2) * np.sin(chi) + w * np.cos(chi))
+    np.testing.assert_allclose(ctf_2d(ky, kx, **p), expected, rtol=0, atol=1e-12)
+    no_b = {**p, "bfactor_A2": np.zeros((n, 1))}
+    np.testing.assert_allclose(ctf_2d(ky, kx, **no_b), expected / np.exp(-p["bfactor_A2"] * s2 / 4), atol=1e-12)

@@ -51,12 +51,19 @@ def ctf_2d(
         return xp.asarray(p, dtype=xp.float64)
 
     s2 = kx * kx + ky * ky
-    alpha = xp.arctan2(ky, kx)
+    # cos 2(α − θ) of the pixel's direction α without α itself (no arctan2, no cos per pixel and
+    # particle): cos 2α = (kx² − ky²)/s², sin 2α = 2·kx·ky/s², and α = 0 at the origin.
+    nonzero = s2 > 0
+    safe = xp.where(nonzero, s2, 1.0)
+    cos2a = xp.where(nonzero, (kx * kx - ky * ky) / safe, 1.0)
+    sin2a = 2 * kx * ky / safe
     lam = electron_wavelength_A(per(voltage_kV))
     du, dv, ang = per(defocus_u_A), per(defocus_v_A), per(defocus_angle_rad)
-    defocus = 0.5 * (du + dv) + 0.5 * (du - dv) * xp.cos(2 * (alpha - ang))
+    defocus = 0.5 * (du + dv) + 0.5 * (du - dv) * (cos2a * xp.cos(2 * ang) + sin2a * xp.sin(2 * ang))
     cs_A = per(cs_mm) * 1e7
     chi = np.pi * lam * defocus * s2 - 0.5 * np.pi * cs_A * lam**3 * s2 * s2 + per(phase_shift_rad)
-    w = per(amp_contrast)
-    ctf = xp.sqrt(1 - w * w) * xp.sin(chi) + w * xp.cos(chi)
-    return per(scale) * xp.exp(-per(bfactor_A2) * s2 / 4) * ctf
+    # √(1 − w²)·sin χ + w·cos χ, as one sine
+    ctf = xp.sin(chi + xp.arcsin(per(amp_contrast)))
+    bfactor = per(bfactor_A2)
+    envelope = xp.exp(-bfactor * s2 / 4) if bool(xp.any(bfactor)) else 1.0
+    return per(scale) * envelope * ctf
