@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
+from dva.em import chunk as chunk_module
 from dva.em.chunk import CTF_ARGUMENTS, make_band, prepare_chunk
 from dva.ops.ctf import ctf_2d
 from dva.ops.rotation import random_rotations
 
 
-def test_prepared_samples_and_ctfs_equal_each_particle_done_alone_in_float64():
+@pytest.mark.parametrize("per_batch", [None, 4])  # all at once; 4 particles at a time (the last 1)
+def test_prepared_samples_and_ctfs_equal_each_particle_done_alone_in_float64(per_batch, monkeypatch):
     """Two optics groups (pixel sizes) interleaved, random shifts and CTFs: against one particle at
     a time, a float64 transform, a complex exponential for the shift and `ctf_2d` on its own."""
     rng = np.random.default_rng(2)
     n, box = 9, 16
+    if per_batch is not None:
+        monkeypatch.setattr(chunk_module, "PREPARE_BYTES", per_batch * 4 * box * box)
     band = make_band(box)
     images = rng.normal(size=(n, box, box)).astype(np.float32)
     rows = {

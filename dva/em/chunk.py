@@ -24,6 +24,7 @@ from dva.ops.fourier import fourier_crop
 # M-step statistics skip those Fourier pixels. 0 (every pixel) until its effect on whole runs is
 # measured: with the default order-1.5 low-pass the weight falls slowly (0.05 at 2.7× the cut-off).
 BAND_TOLERANCE = 0.0
+PREPARE_BYTES = 32 * 2**20  # stored images prepared at a time
 CTF_ARGUMENTS = tuple(f for f in CTF_FIELDS if f != "ctf_scale")  # the table fields `ctf_2d` takes
 
 
@@ -113,8 +114,25 @@ def prepare_chunk(
     """A `Chunk` from stored images `(n, D1, D1)` and their table rows, Fourier-cropped to `band.box`.
 
     `rows` holds the table variables (`rotation`, `shift_px`, CTF fields, `pixel_size_A`) for the n
-    particles in the units of the source images, whose box is `original_box`.
+    particles in the units of the source images, whose box is `original_box`. Prepared
+    `PREPARE_BYTES` of images at a time (bounds the transforms' temporaries).
     """
+    n, size = len(images), len(band.flat)
+    y, ctf = xp.empty((n, size), xp.complex64), xp.empty((n, size), xp.float32)
+    step = max(1, PREPARE_BYTES // (4 * original_box**2))
+    for lo in range(0, n, step):
+        part = slice(lo, lo + step)
+        y[part], ctf[part] = _samples(images[part], {k: v[part] for k, v in rows.items()}, band, original_box, xp)
+    return Chunk(
+        y=y,
+        ctf=ctf,
+        rotation=xp.asarray(rows["rotation"], dtype=xp.float64),
+        scale=xp.asarray(rows["ctf_scale"], dtype=xp.float64),
+    )
+
+
+def _samples(images, rows: dict[str, np.ndarray], band: Band, original_box: int, xp: ModuleType) -> tuple:
+    """`prepare_chunk`'s centred samples `(n, P)` complex64 and CTFs `(n, P)` float32."""
     box = band.box
     factor = original_box / box
     imgs = fourier_crop(xp.asarray(images, dtype=xp.float32), box, xp=xp)
@@ -135,9 +153,4 @@ def prepare_chunk(
             **{name: xp.asarray(rows[name][group])[:, None] for name in CTF_ARGUMENTS},
             xp=xp,
         )
-    return Chunk(
-        y=(f * phase).astype(xp.complex64, copy=False),
-        ctf=ctf,
-        rotation=xp.asarray(rows["rotation"], dtype=xp.float64),
-        scale=xp.asarray(rows["ctf_scale"], dtype=xp.float64),
-    )
+    return f * phase, ctf
