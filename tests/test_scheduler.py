@@ -132,3 +132,22 @@ def test_a_worker_that_cannot_read_the_store_is_named(dataset, tmp_path):
         placement = place_chunks(client, str(tmp / "s.zarr"), 1600, 100, 32, "numpy")
         assert [b - a for a, b in placement.ranges] == [100] * 16
         placement.release(client)
+
+
+def _malloc_settings() -> tuple[str | None, str | None]:
+    return os.environ.get("MALLOC_MMAP_THRESHOLD_"), os.environ.get("MALLOC_TRIM_THRESHOLD_")
+
+
+@pytest.mark.parametrize("memory_limit", [None, "2GB"])
+def test_embedded_workers_keep_large_temporaries_off_mmap(memory_limit):
+    """Large temporaries come from the heap (mmapped ones cost a page fault per page, every batch);
+    under a memory limit the heap's top is trimmed as dask has it, else it is kept."""
+    from dva.engine.cluster import MMAP_THRESHOLD, TRIM_UNDER_LIMIT, connect
+
+    cluster = connect(workers=1, gpus="none", memory_limit=memory_limit)
+    try:
+        (settings,) = cluster.client.run(_malloc_settings).values()
+    finally:
+        cluster.close()
+    trim = TRIM_UNDER_LIMIT if memory_limit else MMAP_THRESHOLD
+    assert settings == (str(MMAP_THRESHOLD), str(trim))
