@@ -14,7 +14,7 @@ from dva.io.cs import read_cs, write_cs
 from dva.io.mrc import StackReader
 from dva.io.particles import read_particles
 from dva.io.star import read_star, write_star
-from dva.io.store import import_particles, open_store
+from dva.io.store import import_particles, inner_chunk, open_store
 from dva.sim.simulate import simulate_dataset
 
 runner = CliRunner()
@@ -31,7 +31,7 @@ def test_import_relion31_images_and_table(drgn, tmp_path):
     table = read_star(drgn / "relion31.star")
     import_particles(table, tmp_path / "s.zarr", chunk_size=2)
     images, stored, attrs = open_store(tmp_path / "s.zarr")
-    assert images.shape == (5, 256, 256) and images.chunks == (2, 256, 256)
+    assert images.shape == (5, 256, 256) and images.shards == images.chunks == (2, 256, 256)
     np.testing.assert_array_equal(images[:], mrcfile.read(drgn / "relion31.mrcs"))
     for name in table.data_vars:
         np.testing.assert_array_equal(stored[name].values, table[name].values, err_msg=name)
@@ -225,3 +225,12 @@ def test_writers_refuse_a_changed_source(drgn, tmp_path):
     with pytest.raises(DvaInputError, match="r.star: the input file is gone"):
         write_star(tmp_path / "bad.star", table)
     write_cs(tmp_path / "fine.cs", table)  # a .cs carries nothing from a .star
+
+
+@pytest.mark.parametrize(
+    ("shard", "inner"), [(8192, 1024), (4096, 1024), (3000, 1000), (1000, 1000), (100, 100), (1, 1), (2062, 2062)]
+)
+def test_shards_are_read_by_inner_chunks_dividing_them(shard, inner):
+    """The largest divisor up to 1,024 particles; a shard with none above 256 (2,062 = 2 × 1,031) is
+    read whole rather than 2 particles at a time."""
+    assert inner_chunk(shard) == inner

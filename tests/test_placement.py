@@ -16,15 +16,22 @@ from dva.io.store import import_particles
 from dva.sim.simulate import simulate_dataset
 
 
+@pytest.mark.parametrize("aligned", [True, False])
 @pytest.mark.parametrize(
     ("n", "chunk", "workers", "busy_workers"),
-    [(1000, 300, 2, 2), (20000, 16384, 2, 2), (1003, 100, 3, 3), (100, 7, 4, 1)],  # 100 particles: one task's worth
-)
-def test_tasks_cover_the_particles_once_within_store_chunks_evenly_dealt(n, chunk, workers, busy_workers):
-    ranges, owners = deal_tasks(n, chunk, workers)
+    [(1000, 300, 2, 2), (20000, 16384, 2, 2), (20000, 8192, 2, 2), (1003, 100, 3, 3), (100, 7, 4, 1)],
+)  # 100 particles: one task's worth
+def test_tasks_cover_the_particles_once_within_store_chunks_evenly_dealt(n, chunk, workers, busy_workers, aligned):
+    ranges, owners = deal_tasks(n, chunk, workers, aligned)
     assert ranges[0][0] == 0 and ranges[-1][1] == n
     assert all(b == c for (_, b), (c, _) in itertools.pairwise(ranges))
-    assert all(a // chunk == (b - 1) // chunk for a, b in ranges)  # no task spans two zarr chunks
+    assert all(b - a <= chunk for a, b in ranges)
+    if aligned:
+        assert all(a // chunk == (b - 1) // chunk for a, b in ranges)  # no task spans two zarr chunks
+    else:  # each worker's tasks as equal as the chunk size lets them be
+        for w in range(workers):
+            sizes = [b - a for (a, b), o in zip(ranges, owners, strict=True) if o == w]
+            assert not sizes or max(sizes) - min(sizes) <= 1
     per_worker = np.bincount(owners, weights=[b - a for a, b in ranges], minlength=workers)
     busy = per_worker[per_worker > 0]
     assert busy.max() - busy.min() <= 2  # the same number of particles, up to rounding
@@ -63,7 +70,7 @@ def test_streamed_and_partly_resident_runs_equal_the_resident_run(store, cluster
     assert streamed.resident_particles == 0
     two_chunks = 2 * 100 * chunk_bytes_per_particle(make_band(32))
     partly = run_3dva(path, mask, PARAMS, cluster, resident_bytes=two_chunks)
-    assert partly.resident_particles == 400  # two of its three chunks per worker
+    assert partly.resident_particles == 300  # two of the four tasks of 75 particles per worker
     for other in (streamed, partly):  # the same float64 sums, added on each worker in its own order
         np.testing.assert_allclose(
             other.components, resident.components, rtol=0, atol=1e-6 * abs(resident.components).max()
@@ -160,12 +167,14 @@ def test_each_worker_reads_its_next_streamed_chunk_ahead(store, cluster):
 
     from dva.engine import placement as placement_module
 
-    two_chunks = 2 * 100 * chunk_bytes_per_particle(make_band(32))
-    placement = placement_module.place_chunks(cluster.client, str(store[0]), 600, 100, 32, "numpy", two_chunks)
+    three_tasks = 3 * 75 * chunk_bytes_per_particle(make_band(32))
+    placement = placement_module.place_chunks(
+        cluster.client, str(store[0]), 600, 100, 32, "numpy", three_tasks, aligned=False
+    )
     for worker in set(placement.workers):
         mine = [i for i, w in enumerate(placement.workers) if w == worker]
         streamed = [i for i in mine if not isinstance(placement.sources[i], Future)]
-        assert len(mine) == 4 and len(streamed) == 1  # 100 + 50 + 50 particles resident, 100 streamed
+        assert len(mine) == 4 and len(streamed) == 1  # four tasks of 75 particles, three resident
         only = placement.sources[streamed[0]]
         assert only.following == (only.start, only.stop)  # one streamed chunk: itself, for the next pass
     placement.release(cluster.client)
@@ -190,3 +199,31 @@ def test_a_chunk_read_ahead_is_the_chunk_read_now_and_is_read_once(store, monkey
     direct = tasks.load_chunk(tasks.ChunkSource(str(store[0]), 300, 400, 32, "numpy"))
     for name in ("y", "ctf", "rotation", "scale"):
         np.testing.assert_array_equal(getattr(chunk, name), getattr(direct, name))
+
+
+def test_a_store_written_without_shards_runs_with_tasks_inside_its_chunks(store, cluster, tmp_path):
+    """Stores written before shards read a chunk whole for any part of it: their tasks keep within
+    chunks, and the run equals the sharded store's (tasks cut elsewhere: float64 sums in another order)."""
+    import shutil
+
+    import zarr
+
+    from dva.io.store import open_store, task_limits
+
+    path, mask = store
+    unsharded = tmp_path / "unsharded.zarr"
+    shutil.copytree(path, unsharded)
+    root = zarr.open_group(unsharded, mode="r+")
+    images = root["images"][:]
+    del root["images"]
+    rewritten = root.create_array(
+        "images", shape=images.shape, chunks=(150, 32, 32), dtype="float32", compressors=None,
+        dimension_names=("particle", "y", "x"),
+    )  # fmt: skip
+    rewritten[:] = images
+    assert task_limits(open_store(unsharded)[0]) == (150, True)
+    assert task_limits(open_store(path)[0]) == (100, False)
+    old = run_3dva(unsharded, mask, PARAMS, cluster)
+    new = run_3dva(path, mask, PARAMS, cluster)
+    np.testing.assert_allclose(old.components, new.components, rtol=0, atol=1e-6 * abs(new.components).max())
+    np.testing.assert_allclose(old.z, new.z, rtol=0, atol=1e-6 * abs(new.z).max())

@@ -26,7 +26,7 @@ from dva.engine.placement import place_chunks
 from dva.engine.tasks import em_coordinates, em_partial, mean_partial
 from dva.errors import DvaInputError
 from dva.io.mask import load_mask
-from dva.io.store import open_store, store_location
+from dva.io.store import open_store, store_location, task_limits
 from dva.ops.filters import to_fourier, to_real
 from dva.ops.fsc import fsc, resolution_A
 
@@ -212,7 +212,8 @@ def run_3dva(
     identity = _identity(store, n, params)
     saved = resume_point(checkpoint, store, params) if resume else None
     client, backend = cluster.client, cluster.backend
-    placement = place_chunks(client, store, n, images.chunks[0], box, backend, resident_bytes)
+    chunk, aligned = task_limits(images)
+    placement = place_chunks(client, store, n, chunk, box, backend, resident_bytes, aligned)
     metrics: list[dict] = []
     if saved is None:
         mean_stats = placement.map(client, mean_partial, box, params.scale, backend)

@@ -178,14 +178,21 @@ class Placement:
             client.run(drop_read_ahead, on_error="ignore")
 
 
-def deal_tasks(n: int, chunk: int, workers: int) -> tuple[list[tuple[int, int]], list[int]]:
+def deal_tasks(n: int, chunk: int, workers: int, aligned: bool = True) -> tuple[list[tuple[int, int]], list[int]]:
     """Particle ranges of the tasks, and the worker (index) of each: `[0, n)` cut into `2·workers`
     equal segments (each worker takes two, so every worker gets the same number of particles and
-    at least two tasks), and the segments cut again at the store's chunk edges (no task spans two
-    zarr chunks)."""
+    at least two tasks), each cut into tasks of at most `chunk` particles: at the store's chunk
+    edges when `aligned` (no task spans two chunks), else into equal parts."""
     segments = max(1, min(2 * workers, n // MIN_TASK))
     cuts = [n * j // segments for j in range(segments + 1)]
-    ranges = list(itertools.pairwise(sorted(set(cuts) | set(range(0, n, chunk)))))
+    edges = set(cuts)
+    if aligned:
+        edges |= set(range(0, n, chunk))
+    else:
+        for a, b in itertools.pairwise(cuts):
+            parts = -(-(b - a) // chunk)  # ceil
+            edges |= {a + (b - a) * i // parts for i in range(parts)}
+    ranges = list(itertools.pairwise(sorted(edges)))
     owners = [(bisect.bisect_right(cuts, a) - 1) % workers for a, _ in ranges]
     return ranges, owners
 
@@ -205,12 +212,21 @@ def _memory_budget(backend: str, dask_worker=None) -> int | None:
 
 
 def place_chunks(
-    client: Client, store: str, n: int, chunk: int, box: int, backend: str, resident_bytes: int | None = None
+    client: Client,
+    store: str,
+    n: int,
+    chunk: int,
+    box: int,
+    backend: str,
+    resident_bytes: int | None = None,
+    aligned: bool = True,
 ) -> Placement:
     """Deal the first `n` particles of `store` to the workers and start reading the resident chunks.
 
-    `resident_bytes` caps the prepared chunks kept per worker (default: from each worker's memory).
-    First checks that every worker can open the store, and names it when one cannot."""
+    Tasks take at most `chunk` particles, within the store's chunks when `aligned` (see
+    `store.task_limits`). `resident_bytes` caps the prepared chunks kept per worker (default: from
+    each worker's memory). First checks that every worker can open the store, and names it when
+    one cannot."""
     client.wait_for_workers(1)
     failures = {w: e for w, e in client.run(store_error, store).items() if e is not None}
     if failures:
@@ -224,7 +240,7 @@ def place_chunks(
         client.run(_memory_budget, backend) if resident_bytes is None else dict.fromkeys(addresses, resident_bytes)
     )
     per_particle = chunk_bytes_per_particle(make_band(box))
-    ranges, owners = deal_tasks(n, chunk, len(addresses))
+    ranges, owners = deal_tasks(n, chunk, len(addresses), aligned)
     used = dict.fromkeys(addresses, 0)
     chunks = [ChunkSource(store, a, b, box, backend) for a, b in ranges]
     sources: list[Future | ChunkSource] = []

@@ -14,7 +14,7 @@ from dva.em.mean import solve_mean
 from dva.engine.cluster import Cluster
 from dva.engine.placement import place_chunks
 from dva.engine.tasks import mean_partial
-from dva.io.store import open_store, store_location
+from dva.io.store import open_store, store_location, task_limits
 
 MAX_GROUPS = 32  # subsets per pass (each task holds 3·G volumes of float64)
 
@@ -27,7 +27,8 @@ def reconstruct_subsets(
     store = store_location(store)
     images, _, _ = open_store(store)
     client, backend = cluster.client, cluster.backend
-    placement = place_chunks(client, store, len(weights), images.chunks[0], box, backend)
+    chunk, aligned = task_limits(images)
+    placement = place_chunks(client, store, len(weights), chunk, box, backend, aligned=aligned)
     volumes = []
     for lo in range(0, weights.shape[1], MAX_GROUPS):
         part = np.ascontiguousarray(weights[:, lo : lo + MAX_GROUPS], dtype=np.float64)

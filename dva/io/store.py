@@ -1,6 +1,9 @@
 """The zarr particle store that the engine streams (DESIGN.md §3).
 
-Layout: array `images (particle, y, x)` float32, uncompressed, chunked by particle; group
+Layout: array `images (particle, y, x)` float32, uncompressed, in shards ("chunks" in dva's options:
+the unit of writing and the most particles a task takes) of inner chunks of up to `INNER_CHUNK`
+particles (the unit of reading: a task reads only the inner chunks its range touches, several at
+once); group
 `particles` holding the per-particle table as an xarray Dataset; root attributes with the import
 parameters and the dva version. Images are stored white on black (multiplied by `data_sign`).
 """
@@ -23,6 +26,7 @@ from dva.io.mrc import StackReader
 from dva.ops.fourier import fourier_crop
 
 CHUNK_BYTES = 128 * 2**20  # default chunk: about 128 MB of images
+INNER_CHUNK = 1024  # most particles per inner chunk of a shard
 READ_BYTES = 16 * 2**20  # images read and cropped at a time (bounds the FFT's temporaries)
 TABLE_CHUNK = 2**20  # particles per chunk of each per-particle variable
 
@@ -30,6 +34,21 @@ TABLE_CHUNK = 2**20  # particles per chunk of each per-particle variable
 def default_chunk_size(box: int) -> int:
     """Particles per chunk so that one chunk holds about `CHUNK_BYTES` of float32 images."""
     return max(1, CHUNK_BYTES // (4 * box * box))
+
+
+def inner_chunk(shard: int) -> int:
+    """Particles per inner chunk of a `shard`-particle shard: its largest divisor up to `INNER_CHUNK`
+    (the shard whole where that is under a quarter of `INNER_CHUNK`: 2,062 = 2 × 1,031)."""
+    limit = min(shard, INNER_CHUNK)
+    best = max(d for d in range(1, limit + 1) if shard % d == 0)
+    return best if 4 * best >= limit else shard
+
+
+def task_limits(images: zarr.Array) -> tuple[int, bool]:
+    """The most particles a task takes, and whether its range must keep within one chunk: a
+    sharded store reads any range by its inner chunks, an unsharded one (stores written before
+    shards) reads each chunk whole for any part of it."""
+    return (images.shards[0], False) if images.shards else (images.chunks[0], True)
 
 
 def open_stacks(table: xr.Dataset) -> list[StackReader]:
@@ -107,7 +126,8 @@ def import_particles(
         images = root.create_array(
             "images",
             shape=(n, new_box, new_box),
-            chunks=(chunk, new_box, new_box),
+            chunks=(inner_chunk(chunk), new_box, new_box),
+            shards=(chunk, new_box, new_box),
             dtype="float32",
             compressors=None,
             dimension_names=("particle", "y", "x"),
@@ -199,7 +219,7 @@ def summary(path: str | Path) -> str:
     lines = [
         f"store        {Path(path).absolute()}",
         f"source       {attrs['source']}",
-        f"particles    {n:,} images of {box}x{box} px ({size_gb:.2f} GB float32), chunks of {images.chunks[0]:,}",
+        f"particles    {n:,} images of {box}x{box} px ({size_gb:.2f} GB float32), chunks of {task_limits(images)[0]:,}",
         f"pixel size   {pixel.min():.4g}–{pixel.max():.4g} Å"
         + (f" (Fourier-cropped from box {attrs['original_box']})" if attrs["original_box"] != box else ""),
         f"Nyquist      {2 * pixel.max():.3g} Å",
