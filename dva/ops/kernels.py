@@ -1,0 +1,106 @@
+"""CUDA kernels for the trilinear gather and insert on GPU workers (CuPy `RawKernel`).
+
+One thread per (point, channel): a gather reads its point's 8 neighbours and writes one value; an
+insert adds its value times each of the 8 weights into the accumulator with `atomicAdd`. Neither
+materialises the `(m·8, C)` products that `cupyx.scatter_add` needs (610 MB per 128 particles of
+box 128 with the 12 statistic channels). The stencil is `dva.ops.slice.trilinear_stencil`'s:
+indices `(m, 8)` int32 into the flattened volumes' rows, weights `(m, 8)` float32.
+
+`SOURCE` is plain CUDA C++ with no shared memory or synchronisation, so the test suite also
+compiles it for the CPU (a loop over the grid) and checks it against the NumPy path on machines
+without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+SOURCE = r"""
+template <typename T>
+__device__ void gather(const T* volumes, const int* index, const float* weights, T* out,
+                       const long long points, const int channels)
+{
+    // out[p, c] = sum_j weights[p, j] * volumes[index[p, j], c]; volumes (V, channels) row-major
+    const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= points * channels) return;
+    const long long p = t / channels;
+    const int c = (int)(t - p * channels);
+    T total = 0;
+    for (int j = 0; j < 8; ++j) {
+        total += (T)weights[p * 8 + j] * volumes[(long long)index[p * 8 + j] * channels + c];
+    }
+    out[t] = total;
+}
+
+extern "C" __global__ void gather_float32(const float* volumes, const int* index, const float* weights,
+                                          float* out, const long long points, const int channels)
+{
+    gather<float>(volumes, index, weights, out, points, channels);
+}
+
+extern "C" __global__ void gather_float64(const double* volumes, const int* index, const float* weights,
+                                          double* out, const long long points, const int channels)
+{
+    gather<double>(volumes, index, weights, out, points, channels);
+}
+
+extern "C" __global__ void insert_float64(const double* values, const int* index, const float* weights,
+                                          double* out, const long long points, const int channels)
+{
+    // out[index[p, j], c] += weights[p, j] * values[p, c]; out (V, channels) row-major
+    const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= points * channels) return;
+    const long long p = t / channels;
+    const int c = (int)(t - p * channels);
+    const double value = values[t];
+    for (int j = 0; j < 8; ++j) {
+        atomicAdd(&out[(long long)index[p * 8 + j] * channels + c], (double)weights[p * 8 + j] * value);
+    }
+}
+"""
+THREADS = 256  # per block
+
+
+@functools.cache
+def _kernel(name: str):
+    import cupy
+
+    return cupy.RawKernel(SOURCE, name)
+
+
+def _launch(name: str, source, index, weights, out, channels: int) -> None:
+    """Run kernel `name` over every (point, channel)."""
+    import cupy
+
+    points = index.shape[0]
+    total = points * channels
+    if total == 0:
+        return
+    args = (
+        source,
+        cupy.ascontiguousarray(index, dtype=cupy.int32),
+        cupy.ascontiguousarray(weights, dtype=cupy.float32),
+        out,
+        cupy.int64(points),
+        cupy.int32(channels),
+    )
+    _kernel(name)(((total + THREADS - 1) // THREADS,), (THREADS,), args)
+
+
+def gather_cuda(volumes, index, weights):
+    """Samples `(m, C)` of real volumes `(V, C)` (float32 or float64; the result has their dtype) at
+    a stencil."""
+    import cupy
+
+    volumes = cupy.ascontiguousarray(volumes)
+    out = cupy.empty((index.shape[0], volumes.shape[1]), volumes.dtype)
+    _launch(f"gather_{volumes.dtype.name}", volumes, index, weights, out, volumes.shape[1])
+    return out
+
+
+def insert_cuda(values, index, weights, out) -> None:
+    """Add values `(m, C)` into a C-contiguous float64 accumulator `out (V, C)`, in place."""
+    import cupy
+
+    values = cupy.ascontiguousarray(values, dtype=cupy.float64)
+    _launch("insert_float64", values, index, weights, out, values.shape[1])
