@@ -21,8 +21,10 @@ from dva.ops.filters import radius_3d
 from dva.ops.fourier import fourier_crop
 
 # Filter weight below which the components count as zero (`filter_pixels`): their slices and the
-# M-step statistics skip those Fourier pixels. 0 (every pixel) until its effect on whole runs is
-# measured: with the default order-1.5 low-pass the weight falls slowly (0.05 at 2.7× the cut-off).
+# M-step statistics skip those Fourier pixels. 0 (every pixel) by default: the order-1.5 low-pass
+# falls slowly (0.05 at 2.7× the cut-off) and on whole runs 0.05 turned the components by 3.7-4.8°
+# while saving 21-25% of the time (20k particles at box 64, filter at 8 px: 3.28 -> 2.59 s per
+# iteration, coordinates correlated ≥ 0.9988 with the exact run's; README).
 BAND_TOLERANCE = 0.0
 PREPARE_BYTES = 32 * 2**20  # stored images prepared at a time
 CTF_ARGUMENTS = tuple(f for f in CTF_FIELDS if f != "ctf_scale")  # the table fields `ctf_2d` takes
