@@ -11,6 +11,7 @@ import subprocess
 import numpy as np
 import pytest
 
+from dva.em.estep import add_statistics, em_statistics
 from dva.ops.kernels import SOURCE, THREADS
 from dva.ops.rotation import random_rotations
 from dva.ops.slice import slice_coordinates, trilinear_stencil
@@ -31,6 +32,9 @@ LAUNCHERS = r"""
 RUN(gather_float32, float, float)
 RUN(gather_float64, double, double)
 RUN(insert_float64, double, double)
+extern "C" void run_insert_statistics(const int* i, const float* w, const float* c, const double* hw,
+    const double* r, const double* za, double* o, long long points, int pixels, int modes) {
+    GRID(points, insert_statistics(i, w, c, hw, r, za, o, points, pixels, modes)) }
 """
 
 
@@ -89,3 +93,63 @@ def test_insert_kernel_equals_direct_sums(kernels):
             np.add.at(expected[:, c], index[:, j], weights[:, j].astype(np.float64) * values[:, c])
     _call(kernels, "insert_float64", values, index, weights, out)
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
+
+
+def test_statistics_kernel_equals_the_numpy_channels(kernels):
+    """The fused kernel's channels (made per sample, inserted with atomics) against the NumPy path
+    that builds them as an array and inserts it."""
+    rng = np.random.default_rng(6)
+    box, n, modes = 12, 6, 3
+    index, weights = _stencil(box, rng)
+    pixels = len(index) // n
+    ctf = rng.uniform(-1, 1, (n, pixels)).astype(np.float32)
+    half_weight = rng.uniform(0.5, 2, pixels)
+    residual = rng.normal(size=(n, pixels)) + 1j * rng.normal(size=(n, pixels))
+    za = rng.normal(size=(n, modes))
+    channels = modes * (modes + 1) // 2 + 2 * modes
+    expected = rng.normal(size=(box**3, channels))
+    out = expected.copy()
+    add_statistics(expected, index, weights, ctf, half_weight, residual, za)
+    arrays = [np.ascontiguousarray(a) for a in (index, weights, ctf, half_weight, residual.view(np.float64), za)]
+    kernels.run_insert_statistics(
+        *(a.ctypes.data_as(ctypes.c_void_p) for a in (*arrays, out)),
+        ctypes.c_longlong(n * pixels),
+        ctypes.c_int(pixels),
+        ctypes.c_int(modes),
+    )
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
+
+
+@pytest.mark.gpu
+def test_em_statistics_on_the_gpu_equal_numpy_within_1e4():
+    """Issue 7: the GPU path (kernels, CuPy) keeps the NumPy path's results within 1e-4 relative."""
+    from dataclasses import replace
+
+    from dva.em.chunk import Chunk, make_band
+    from dva.em.model import Model
+    from tests.conftest import _cupy_or_skip
+
+    cupy = _cupy_or_skip()
+    rng = np.random.default_rng(7)
+    box, n, modes = 32, 300, 3
+    band = make_band(box)
+    pixels = len(band.flat)
+    chunk = Chunk(
+        y=(rng.normal(size=(n, pixels)) + 1j * rng.normal(size=(n, pixels))).astype(np.complex64),
+        ctf=rng.uniform(-1, 1, (n, pixels)).astype(np.float32),
+        rotation=random_rotations(n, rng),
+        scale=np.ones(n),
+    )
+    volumes = (rng.normal(size=(box**3, modes + 1)) + 1j * rng.normal(size=(box**3, modes + 1))).astype(np.complex64)
+    model = Model(volumes, np.ones(box // 2), 0.01, "optimal", 1.0, None, None)
+    on_cpu = em_statistics(chunk, model, band)
+    device = Chunk(*(cupy.asarray(a) for a in (chunk.y, chunk.ctf, chunk.rotation, chunk.scale)))
+    on_gpu = em_statistics(
+        device,
+        replace(model, volumes=cupy.asarray(volumes), noise_inverse=cupy.asarray(model.noise_inverse)),
+        make_band(box, cupy),
+        xp=cupy,
+    )
+    for name in ("G", "b", "z", "alpha", "zsum", "power"):
+        got, want = cupy.asnumpy(cupy.asarray(on_gpu[name])), np.asarray(on_cpu[name])
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max(), err_msg=name)

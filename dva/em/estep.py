@@ -27,6 +27,27 @@ def pair_index(k: int) -> list[tuple[int, int]]:
     return [(a, b) for a in range(k) for b in range(a, k)]
 
 
+def add_statistics(sums, index, weights, ctf, half_weight, residual, za, xp: ModuleType = np) -> None:
+    """Insert the M-step channels of n particles' samples `(n, P)` into `sums (D³, C)` float64, in
+    place: K(K+1)/2 of `c²·W·α²z_a z_b` (a ≤ b, `pair_index`), then `c·W·Re(r)·αz_a` and
+    `c·W·Im(r)·αz_a` per mode a. `ctf` c, `half_weight` W `(P,)`, `residual` r, `za` αz `(n, K)`,
+    stencil `(n·P, 8)`. GPU workers make and insert them in one kernel (no `(n·P, C)` array)."""
+    if xp is not np:
+        from dva.ops.kernels import insert_statistics_cuda
+
+        insert_statistics_cuda(index, weights, ctf, half_weight, residual, za, sums)
+        return
+    n, pixels = ctf.shape
+    pairs = pair_index(za.shape[1])
+    cw = ctf * half_weight
+    products = np.stack([za[:, a] * za[:, b] for a, b in pairs], -1)  # (n, K(K+1)/2)
+    values = np.empty((n, pixels, sums.shape[1]))  # each sample's channels side by side
+    np.multiply((ctf * cw)[..., None], products[:, None, :], out=values[..., : len(pairs)])
+    terms = (cw * residual)[..., None] * za[:, None, :]  # (n, pixels, K): c W r α z_a
+    values[..., len(pairs) :: 2], values[..., len(pairs) + 1 :: 2] = terms.real, terms.imag
+    insert(values.reshape(-1, sums.shape[1]), index, weights, sums)
+
+
 def em_statistics(
     chunk: Chunk, model: Model, band: Band, *, statistics: bool = True, keep=None, xp: ModuleType = np
 ) -> dict:
@@ -121,16 +142,8 @@ def em_statistics(
         )
         out["z"].append(z)
         out["alpha"].append(alpha)
-        if statistics:
-            za = alpha[:, None] * z  # α z
-            c = c[:, inner]
-            cw = c * (weight[inner] / 2)  # c W, each sample standing for itself and its mate (`symmetrize`)
-            products = xp.stack([za[:, a] * za[:, b] for a, b in pairs], -1)  # (n, K(K+1)/2)
-            values = xp.empty((n, hi_px - lo_px, sums.shape[1]))  # each sample's channels side by side
-            xp.multiply((c * cw)[..., None], products[:, None, :], out=values[..., : len(pairs)])
-            terms = (cw * r[:, inner])[..., None] * za[:, None, :]  # (n, pixels, K): c W r α z_a
-            values[..., len(pairs) :: 2], values[..., len(pairs) + 1 :: 2] = terms.real, terms.imag
-            insert(values.reshape(-1, sums.shape[1]), index, weights, sums, xp)
+        if statistics:  # W/2: each sample stands for itself and its mate (`symmetrize`)
+            add_statistics(sums, index, weights, c[:, inner], weight[inner] / 2, r[:, inner], alpha[:, None] * z, xp)
     if statistics:
         out["G"], out["b"] = sums[:, : len(pairs)], sums[:, len(pairs) :]
     for name, empty in (("z", (0, k)), ("alpha", (0,))):  # back to the chunk's order

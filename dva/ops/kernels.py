@@ -3,7 +3,9 @@
 One thread per (point, channel): a gather reads its point's 8 neighbours and writes one value; an
 insert adds its value times each of the 8 weights into the accumulator with `atomicAdd`. Neither
 materialises the `(m·8, C)` products that `cupyx.scatter_add` needs (610 MB per 128 particles of
-box 128 with the 12 statistic channels). The stencil is `dva.ops.slice.trilinear_stencil`'s:
+box 128 with the 12 statistic channels). `insert_statistics` goes one step further for the M-step:
+one thread per sample makes its channels from the CTF, residual and α·z and inserts them, so the
+`(m, C)` array of channels is not made either. The stencil is `dva.ops.slice.trilinear_stencil`'s:
 indices `(m, 8)` int32 into the flattened volumes' rows, weights `(m, 8)` float32.
 
 `SOURCE` is plain CUDA C++ with no shared memory or synchronisation, so the test suite also
@@ -57,6 +59,37 @@ extern "C" __global__ void insert_float64(const double* values, const int* index
         atomicAdd(&out[(long long)index[p * 8 + j] * channels + c], (double)weights[p * 8 + j] * value);
     }
 }
+
+extern "C" __global__ void insert_statistics(const int* index, const float* weights, const float* ctf,
+                                             const double* half_weight, const double* residual,
+                                             const double* za, double* out, const long long points,
+                                             const int pixels, const int modes)
+{
+    // The M-step channels of sample p (particle i = p / pixels, pixel q = p % pixels), made here and
+    // inserted: K(K+1)/2 of c^2 W z_a z_b (a <= b), then c W Re(r) z_a and c W Im(r) z_a per mode a,
+    // with W = half_weight[q], z = za[i] (alpha z), r = residual[p] (re, im).
+    const long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (p >= points) return;
+    const long long i = p / pixels;
+    const double c = (double)ctf[p];
+    const double cw = c * half_weight[p - i * pixels];
+    const double g = c * cw;
+    const double re = cw * residual[2 * p], im = cw * residual[2 * p + 1];
+    const double* z = za + i * modes;
+    const int channels = modes * (modes + 1) / 2 + 2 * modes;
+    for (int j = 0; j < 8; ++j) {
+        double* row = out + (long long)index[p * 8 + j] * channels;
+        const double w = (double)weights[p * 8 + j];
+        int k = 0;
+        for (int a = 0; a < modes; ++a) {
+            for (int b = a; b < modes; ++b) atomicAdd(&row[k++], w * (g * (z[a] * z[b])));
+        }
+        for (int a = 0; a < modes; ++a) {
+            atomicAdd(&row[k++], w * (re * z[a]));
+            atomicAdd(&row[k++], w * (im * z[a]));
+        }
+    }
+}
 """
 THREADS = 256  # per block
 
@@ -104,3 +137,28 @@ def insert_cuda(values, index, weights, out) -> None:
 
     values = cupy.ascontiguousarray(values, dtype=cupy.float64)
     _launch("insert_float64", values, index, weights, out, values.shape[1])
+
+
+def insert_statistics_cuda(index, weights, ctf, half_weight, residual, za, out) -> None:
+    """`dva.em.estep.add_statistics` on the GPU: each sample's M-step channels made and inserted in
+    one kernel, with no `(m, C)` array of them. `ctf (n, P)` float32, `half_weight (P,)`,
+    `residual (n, P)` complex128, `za (n, K)`, stencil `(n·P, 8)`, `out (V, C)` float64."""
+    import cupy
+
+    n, pixels = ctf.shape
+    points = n * pixels
+    if points == 0:
+        return
+    args = (
+        cupy.ascontiguousarray(index, dtype=cupy.int32),
+        cupy.ascontiguousarray(weights, dtype=cupy.float32),
+        cupy.ascontiguousarray(ctf, dtype=cupy.float32),
+        cupy.ascontiguousarray(half_weight, dtype=cupy.float64),
+        cupy.ascontiguousarray(residual, dtype=cupy.complex128).view(cupy.float64),
+        cupy.ascontiguousarray(za, dtype=cupy.float64),
+        out,
+        cupy.int64(points),
+        cupy.int32(pixels),
+        cupy.int32(za.shape[1]),
+    )
+    _kernel("insert_statistics")(((points + THREADS - 1) // THREADS,), (THREADS,), args)
