@@ -11,7 +11,7 @@ from types import ModuleType
 import numpy as np
 
 from dva.em.chunk import Band, Chunk, inside_band_3d
-from dva.em.estep import BATCH
+from dva.em.estep import batch_size
 from dva.ops.filters import radius_3d, to_real
 from dva.ops.slice import gridding_correction, insert, slice_coordinates, symmetrize, trilinear_stencil, view_order
 
@@ -29,9 +29,10 @@ def mean_statistics(chunk: Chunk, band: Band, scale: str, xp: ModuleType = np, w
     half = band.multiplicity / 2  # each sample stands for itself and its mate (see `symmetrize`)
     sums = xp.zeros((box**3, 3 * groups))  # voxel-major: (re, im, den) of each group side by side
     weights = None if weights is None else xp.asarray(weights)
-    order = view_order(chunk.rotation, BATCH, xp)  # batches of nearby slice planes (cache locality)
-    for lo in range(0, len(chunk.y), BATCH):
-        sl = order[lo : lo + BATCH]
+    batch = batch_size(len(band.flat), xp)
+    order = view_order(chunk.rotation, batch, xp)  # batches of nearby slice planes (cache locality)
+    for lo in range(0, len(chunk.y), batch):
+        sl = order[lo : lo + batch]
         alpha = chunk.scale[sl] if scale == "input" else xp.ones(len(sl))
         w = xp.ones((len(alpha), 1)) if weights is None else weights[sl]
         index, weights_3d = trilinear_stencil(slice_coordinates(chunk.rotation[sl], band.kx, band.ky, box, xp), box, xp)
