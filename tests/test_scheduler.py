@@ -146,8 +146,10 @@ def test_embedded_workers_keep_large_temporaries_off_mmap(memory_limit):
 
     cluster = connect(workers=1, gpus="none", memory_limit=memory_limit)
     try:
-        (settings,) = cluster.client.run(_malloc_settings).values()
+        (started,) = cluster.client.run(_malloc_settings).values()
+        cluster.client.restart()  # as the nanny restarts a worker that passed its memory limit
+        (restarted,) = cluster.client.run(_malloc_settings).values()
     finally:
         cluster.close()
     trim = TRIM_UNDER_LIMIT if memory_limit else MMAP_THRESHOLD
-    assert settings == (str(MMAP_THRESHOLD), str(trim))
+    assert started == restarted == (str(MMAP_THRESHOLD), str(trim))

@@ -74,8 +74,9 @@ def _workers_ignore_ctrl_c() -> Iterator[None]:
 @contextmanager
 def _environ(values: dict[str, str]) -> Iterator[None]:
     """`values` in this process's environment while workers are started, as they spawn with it.
-    Not dask's `pre-spawn-environ` setting: the nanny writes that into this process's environment,
-    where it overrides the setting for every later cluster (a second cluster kept the first's)."""
+    dask's `pre-spawn-environ` setting alone is not enough: the nanny writes it into this process's
+    environment, where it overrides the setting for every later cluster (a second cluster kept the
+    first's). The setting is still needed for the nanny's restarts of its worker."""
     previous = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
@@ -156,7 +157,8 @@ def connect(
         "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
         "MALLOC_TRIM_THRESHOLD_": str(TRIM_UNDER_LIMIT if memory_limit else MMAP_THRESHOLD),
     }
-    with dask.config.set(EMBEDDED), _environ(heap), _workers_ignore_ctrl_c():
+    spawn = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in heap.items()}  # for restarts
+    with dask.config.set({**EMBEDDED, **spawn}), _environ(heap), _workers_ignore_ctrl_c():
         local = LocalCluster(
             n_workers=workers or os.cpu_count() or 1,
             threads_per_worker=1,
