@@ -3,9 +3,9 @@
 Layout: array `images (particle, y, x)` float32, uncompressed, in shards ("chunks" in dva's options:
 the unit of writing and the most particles a task takes) of inner chunks of up to `INNER_CHUNK`
 particles (the unit of reading: a task reads only the inner chunks its range touches, several at
-once); group
-`particles` holding the per-particle table as an xarray Dataset; root attributes with the import
-parameters and the dva version. Images are stored white on black (multiplied by `data_sign`).
+once); group `particles` holding the per-particle table as an xarray Dataset; root attributes with
+the import parameters and the dva version. Images are stored white on black (multiplied by
+`data_sign`).
 """
 
 from __future__ import annotations
