@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import shutil
 import subprocess
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -153,3 +154,78 @@ def test_em_statistics_on_the_gpu_equal_numpy_within_1e4():
     for name in ("G", "b", "z", "alpha", "zsum", "power"):
         got, want = cupy.asnumpy(cupy.asarray(on_gpu[name])), np.asarray(on_cpu[name])
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max(), err_msg=name)
+
+
+class _RawKernelOnCpu:
+    """`cupy.RawKernel` stand-in: runs the kernel compiled for the CPU, checking the launch."""
+
+    launched: ClassVar[list[str]] = []  # names, in order
+
+    def __init__(self, kernels, source: str, name: str):
+        assert source == SOURCE
+        self.name, self.run = name, getattr(kernels, f"run_{name}")
+
+    def __call__(self, grid: tuple, block: tuple, args: tuple) -> None:
+        assert block == (THREADS,) and len(grid) == 1
+        self.launched.append(self.name)
+        for a in args:
+            assert not isinstance(a, np.ndarray) or a.flags.c_contiguous  # what the kernels index
+        self.run(
+            *(
+                a.ctypes.data_as(ctypes.c_void_p)
+                if isinstance(a, np.ndarray)
+                else (ctypes.c_longlong if a.dtype == np.int64 else ctypes.c_int)(int(a))
+                for a in args
+            )
+        )
+
+
+@pytest.fixture
+def numpy_as_cupy(kernels, monkeypatch):
+    """A `cupy` module that is NumPy with the CPU-compiled kernels: dva's GPU code path (the
+    `xp is not np` branches, the kernels' launches and arguments) runs on the CPU."""
+    import sys
+    import types
+
+    from dva.ops import kernels as kernels_module
+
+    module = types.ModuleType("cupy")
+    module.__getattr__ = lambda name: getattr(np, name)
+    module.RawKernel = lambda source, name: _RawKernelOnCpu(kernels, source, name)
+    monkeypatch.setitem(sys.modules, "cupy", module)
+    kernels_module._kernel.cache_clear()
+    yield module
+    kernels_module._kernel.cache_clear()  # no stand-in kernels left for a real CuPy
+
+
+def test_the_gpu_code_path_on_a_numpy_stand_in_equals_the_numpy_path(numpy_as_cupy):
+    """E/M and mean statistics through the GPU branches (one batch of 2^22 samples, the kernels)
+    equal the NumPy path's (batches of 128, SciPy's sparse kernels) to float64 rounding."""
+    from dva.em.chunk import Chunk, make_band
+    from dva.em.mean import mean_statistics
+    from dva.em.model import Model
+
+    rng = np.random.default_rng(8)
+    box, n, modes = 16, 300, 2
+    band = make_band(box)
+    pixels = len(band.flat)
+    chunk = Chunk(
+        y=(rng.normal(size=(n, pixels)) + 1j * rng.normal(size=(n, pixels))).astype(np.complex64),
+        ctf=rng.uniform(-1, 1, (n, pixels)).astype(np.float32),
+        rotation=random_rotations(n, rng),
+        scale=rng.uniform(0.5, 2, n),
+    )
+    volumes = (rng.normal(size=(box**3, modes + 1)) + 1j * rng.normal(size=(box**3, modes + 1))).astype(np.complex64)
+    model = Model(volumes, np.ones(box // 2), 0.01, "optimal", 1.0, None, (3, pixels - 20))  # mean-only rims too
+    expected = em_statistics(chunk, model, band)
+    _RawKernelOnCpu.launched.clear()
+    got = em_statistics(chunk, model, band, xp=numpy_as_cupy)
+    assert set(_RawKernelOnCpu.launched) == {"gather_float32", "insert_statistics"}
+    for name in ("G", "b", "z", "alpha", "zsum", "power", "objective"):
+        want = np.asarray(expected[name])
+        np.testing.assert_allclose(got[name], want, rtol=0, atol=1e-9 * np.abs(want).max(), err_msg=name)
+    _RawKernelOnCpu.launched.clear()
+    expected, got = mean_statistics(chunk, band, "input"), mean_statistics(chunk, band, "input", numpy_as_cupy)
+    assert _RawKernelOnCpu.launched == ["insert_float64"]
+    for name in ("num", "den"):
+        np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=1e-9 * np.abs(expected[name]).max())
