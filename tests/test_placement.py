@@ -193,9 +193,11 @@ def test_a_chunk_read_ahead_is_the_chunk_read_now_and_is_read_once(store, monkey
     first = tasks.ChunkSource(str(store[0]), 0, 100, 32, "numpy", following=(300, 400))
     second = tasks.ChunkSource(str(store[0]), 300, 400, 32, "numpy", following=(0, 100))
     tasks._resolve(first)
-    chunk = tasks._resolve(second)  # taken from the read ahead; (0, 100) is read ahead in its place
-    tasks.drop_read_ahead()
-    assert sorted(reads) == [0, 0, 300]
+    chunk = tasks._resolve(second)  # taken from the read ahead
+    ahead = [source.start for source in tasks._AHEAD]
+    tasks.drop_read_ahead()  # (its read may not have started yet: cancelled then)
+    assert reads.count(300) == 1 and reads.count(0) >= 1  # `second` was read once, ahead, not again
+    assert ahead == [0]  # and (0, 100) is read ahead in its place
     direct = tasks.load_chunk(tasks.ChunkSource(str(store[0]), 300, 400, 32, "numpy"))
     for name in ("y", "ctf", "rotation", "scale"):
         np.testing.assert_array_equal(getattr(chunk, name), getattr(direct, name))
