@@ -18,6 +18,10 @@ from dva.ops.rotation import random_rotations
 from dva.ops.slice import slice_coordinates, trilinear_stencil
 
 CUDA_ON_CPU = r"""
+#include <cmath>
+using std::floor; using std::fmax; using std::fmin;
+#define __dadd_rn(a, b) ((a) + (b))
+#define __dmul_rn(a, b) ((a) * (b))
 struct Dim { unsigned x; };
 static Dim blockIdx, threadIdx, blockDim;
 #define __global__
@@ -33,6 +37,8 @@ LAUNCHERS = r"""
 RUN(gather_float32, float, float)
 RUN(gather_float64, double, double)
 RUN(insert_float64, double, double)
+extern "C" void run_slice_stencil(const double* r, const double* kx, const double* ky, int* i, float* w,
+    long long points, int pixels, int box) { GRID(points, slice_stencil(r, kx, ky, i, w, points, pixels, box)) }
 extern "C" void run_insert_statistics(const int* i, const float* w, const float* c, const double* hw,
     const double* r, const double* za, double* o, long long points, int pixels, int modes) {
     GRID(points, insert_statistics(i, w, c, hw, r, za, o, points, pixels, modes)) }
@@ -220,12 +226,27 @@ def test_the_gpu_code_path_on_a_numpy_stand_in_equals_the_numpy_path(numpy_as_cu
     expected = em_statistics(chunk, model, band)
     _RawKernelOnCpu.launched.clear()
     got = em_statistics(chunk, model, band, xp=numpy_as_cupy)
-    assert set(_RawKernelOnCpu.launched) == {"gather_float32", "insert_statistics"}
+    assert set(_RawKernelOnCpu.launched) == {"slice_stencil", "gather_float32", "insert_statistics"}
     for name in ("G", "b", "z", "alpha", "zsum", "power", "objective"):
         want = np.asarray(expected[name])
         np.testing.assert_allclose(got[name], want, rtol=0, atol=1e-9 * np.abs(want).max(), err_msg=name)
     _RawKernelOnCpu.launched.clear()
     expected, got = mean_statistics(chunk, band, "input"), mean_statistics(chunk, band, "input", numpy_as_cupy)
-    assert _RawKernelOnCpu.launched == ["insert_float64"]
+    assert _RawKernelOnCpu.launched == ["slice_stencil", "insert_float64"]
     for name in ("num", "den"):
         np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=1e-9 * np.abs(expected[name]).max())
+
+
+def test_slice_stencil_kernel_equals_the_numpy_stencil_exactly(numpy_as_cupy):
+    """The kernel rounds each step as NumPy does: the same indices and weights, bit for bit, for
+    random poses over the whole band, grid edges included (frequencies at the band's rim)."""
+    from dva.em.chunk import make_band
+    from dva.ops.slice import slice_stencil
+
+    rng = np.random.default_rng(9)
+    band = make_band(24)
+    poses = random_rotations(40, rng)
+    index, weights = slice_stencil(poses, band.kx, band.ky, 24, numpy_as_cupy)
+    expected_index, expected_weights = slice_stencil(poses, band.kx, band.ky, 24)
+    np.testing.assert_array_equal(index, expected_index)
+    np.testing.assert_array_equal(weights, expected_weights)

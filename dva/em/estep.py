@@ -16,7 +16,7 @@ import numpy as np
 
 from dva.em.chunk import Band, Chunk
 from dva.em.model import Model
-from dva.ops.slice import gather, insert, slice_coordinates, trilinear_stencil, view_order
+from dva.ops.slice import gather, insert, slice_stencil, view_order
 
 BATCH = 128  # particles per vectorised step on CPU workers (their cache; 32 and 16 were no faster)
 GPU_POINTS = 2**22  # samples per vectorised step on GPU workers (~1 GB of temporaries at K = 3)
@@ -98,7 +98,7 @@ def em_statistics(
         sl = order[lo : lo + batch]
         y, c = chunk.y[sl] * model.data_sign, chunk.ctf[sl]
         n = len(y)
-        stencil = trilinear_stencil(slice_coordinates(chunk.rotation[sl], band.kx, band.ky, box, xp), box, xp)
+        stencil = slice_stencil(chunk.rotation[sl], band.kx, band.ky, box, xp)
         full_index, full_weights = (a.reshape(n, -1, 8) for a in stencil)
         index, weights = full_index[:, inner].reshape(-1, 8), full_weights[:, inner].reshape(-1, 8)
         s = gather(model.volumes, index, weights, xp).reshape(n, -1, k + 1) * c[:, inner, None]  # (n, inner, K+1)

@@ -13,7 +13,7 @@ import numpy as np
 from dva.em.chunk import Band, Chunk, inside_band_3d
 from dva.em.estep import batch_size
 from dva.ops.filters import radius_3d, to_real
-from dva.ops.slice import gridding_correction, insert, slice_coordinates, symmetrize, trilinear_stencil, view_order
+from dva.ops.slice import gridding_correction, insert, slice_stencil, symmetrize, view_order
 
 MEAN_TAU = 1e-3  # τ as a fraction of the shell's mean denominator
 
@@ -35,7 +35,7 @@ def mean_statistics(chunk: Chunk, band: Band, scale: str, xp: ModuleType = np, w
         sl = order[lo : lo + batch]
         alpha = chunk.scale[sl] if scale == "input" else xp.ones(len(sl))
         w = xp.ones((len(alpha), 1)) if weights is None else weights[sl]
-        index, weights_3d = trilinear_stencil(slice_coordinates(chunk.rotation[sl], band.kx, band.ky, box, xp), box, xp)
+        index, weights_3d = slice_stencil(chunk.rotation[sl], band.kx, band.ky, box, xp)
         num = (alpha[:, None] * chunk.ctf[sl] * half) * chunk.y[sl]
         den = (alpha[:, None] * chunk.ctf[sl]) ** 2 * half
         values = []

@@ -5,8 +5,9 @@ insert adds its value times each of the 8 weights into the accumulator with `ato
 materialises the `(m·8, C)` products that `cupyx.scatter_add` needs (610 MB per 128 particles of
 box 128 with the 12 statistic channels). `insert_statistics` goes one step further for the M-step:
 one thread per sample makes its channels from the CTF, residual and α·z and inserts them, so the
-`(m, C)` array of channels is not made either. The stencil is `dva.ops.slice.trilinear_stencil`'s:
-indices `(m, 8)` int32 into the flattened volumes' rows, weights `(m, 8)` float32.
+`(m, C)` array of channels is not made either. The stencil (`slice_stencil`: indices `(m, 8)` int32
+into the flattened volumes' rows, weights `(m, 8)` float32) is made by one kernel too, rounded step
+by step as NumPy rounds it, so both backends interpolate with the same stencil.
 
 `SOURCE` is plain CUDA C++ with no shared memory or synchronisation, so the test suite also
 compiles it for the CPU (a loop over the grid) and checks it against the NumPy path on machines
@@ -18,6 +19,43 @@ from __future__ import annotations
 import functools
 
 SOURCE = r"""
+extern "C" __global__ void slice_stencil(const double* rotations, const double* kx, const double* ky,
+                                         int* index, float* weights, const long long points,
+                                         const int pixels, const int box)
+{
+    // dva.ops.slice.trilinear_stencil(slice_coordinates(...)) for sample p (particle i = p / pixels,
+    // pixel q): voxel coordinates (kx R[i,0,a] + ky R[i,1,a]) box + box/2 on axes a = x, y, z,
+    // clipped inside the grid; its 8 neighbours j = 4 dz + 2 dy + dx and their weights. The _rn
+    // intrinsics keep each product and sum rounded as NumPy rounds them (no fused multiply-add).
+    const long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (p >= points) return;
+    const long long i = p / pixels;
+    const long long q = p - i * pixels;
+    const double* r = rotations + 9 * i;
+    int corner[3];
+    float f[3];
+    for (int a = 0; a < 3; ++a) {
+        double v = __dadd_rn(__dmul_rn(kx[q], r[a]), __dmul_rn(ky[q], r[3 + a]));
+        v = __dadd_rn(__dmul_rn(v, (double)box), (double)(box / 2));
+        v = fmin(fmax(v, 0.0), (double)(box - 1) - 1e-6);
+        const double base = floor(v);
+        corner[a] = (int)base;
+        f[a] = (float)(v - base);
+    }
+    const int first = (corner[2] * box + corner[1]) * box + corner[0];
+    for (int dz = 0; dz < 2; ++dz) {
+        const float wz = dz ? f[2] : 1.0f - f[2];
+        for (int dy = 0; dy < 2; ++dy) {
+            const float wzy = wz * (dy ? f[1] : 1.0f - f[1]);
+            for (int dx = 0; dx < 2; ++dx) {
+                const int j = 4 * dz + 2 * dy + dx;
+                index[p * 8 + j] = first + (dz * box + dy) * box + dx;
+                weights[p * 8 + j] = wzy * (dx ? f[0] : 1.0f - f[0]);
+            }
+        }
+    }
+}
+
 template <typename T>
 __device__ void gather(const T* volumes, const int* index, const float* weights, T* out,
                        const long long points, const int channels)
@@ -162,3 +200,26 @@ def insert_statistics_cuda(index, weights, ctf, half_weight, residual, za, out) 
         cupy.int32(za.shape[1]),
     )
     _kernel("insert_statistics")(((points + THREADS - 1) // THREADS,), (THREADS,), args)
+
+
+def slice_stencil_cuda(rotations, kx, ky, box: int) -> tuple:
+    """`(n·P, 8)` int32 indices and float32 weights of the trilinear neighbours of n poses'
+    `(n, 3, 3)` central slices at frequencies `(P,)` (cycles/pixel), in one kernel."""
+    import cupy
+
+    points = rotations.shape[0] * kx.shape[0]
+    index = cupy.empty((points, 8), cupy.int32)
+    weights = cupy.empty((points, 8), cupy.float32)
+    if points:
+        args = (
+            cupy.ascontiguousarray(rotations, dtype=cupy.float64),
+            cupy.ascontiguousarray(kx, dtype=cupy.float64),
+            cupy.ascontiguousarray(ky, dtype=cupy.float64),
+            index,
+            weights,
+            cupy.int64(points),
+            cupy.int32(kx.shape[0]),
+            cupy.int32(box),
+        )
+        _kernel("slice_stencil")(((points + THREADS - 1) // THREADS,), (THREADS,), args)
+    return index, weights

@@ -61,6 +61,17 @@ def trilinear_stencil(coords, box: int, xp: ModuleType = np):
     return xp.ascontiguousarray((neighbour_offsets(box, xp)[:, None] + corner).T), weights
 
 
+def slice_stencil(rotations, kx, ky, box: int, xp: ModuleType = np):
+    """`trilinear_stencil(slice_coordinates(rotations, kx, ky, box))`: the `(n·P, 8)` indices and
+    weights of n poses' central slices at frequencies `(P,)`; on GPU workers in one kernel (no
+    coordinate arrays, one launch instead of a dozen)."""
+    if xp is np:
+        return trilinear_stencil(slice_coordinates(rotations, kx, ky, box, xp), box, xp)
+    from dva.ops.kernels import slice_stencil_cuda
+
+    return slice_stencil_cuda(rotations, kx, ky, box)
+
+
 def gridding_correction(box: int, xp: ModuleType = np):
     """Real-space apodisation `(D, D, D)` of trilinear interpolation on a D-point Fourier grid.
 
