@@ -1,13 +1,15 @@
-"""CUDA kernels for the trilinear gather and insert on GPU workers (CuPy `RawKernel`).
+"""CUDA kernels of the GPU workers' hot path (CuPy `RawKernel`): the slice stencil, the trilinear
+gather and insert, and the M-step channels.
 
-One thread per (point, channel): a gather reads its point's 8 neighbours and writes one value; an
-insert adds its value times each of the 8 weights into the accumulator with `atomicAdd`. Neither
-materialises the `(m·8, C)` products that `cupyx.scatter_add` needs (610 MB per 128 particles of
-box 128 with the 12 statistic channels). `insert_statistics` goes one step further for the M-step:
-one thread per sample makes its channels from the CTF, residual and α·z and inserts them, so the
-`(m, C)` array of channels is not made either. The stencil (`slice_stencil`: indices `(m, 8)` int32
-into the flattened volumes' rows, weights `(m, 8)` float32) is made by one kernel too, rounded step
-by step as NumPy rounds it, so both backends interpolate with the same stencil.
+- `slice_stencil`, one thread per sample: the `(m, 8)` int32 indices into the flattened volumes'
+  rows and float32 weights of its trilinear neighbours, from its pose and frequency, rounded step
+  by step as NumPy rounds them (both backends interpolate with the same stencil).
+- `gather_*` and `insert_float64`, one thread per (sample, channel): a gather reads the 8
+  neighbours and writes one value; an insert adds its value times each weight into the accumulator
+  with `atomicAdd`. Neither makes the `(m·8, C)` products that `cupyx.scatter_add` needs (610 MB
+  per 128 particles of box 128 with the 12 statistic channels).
+- `insert_statistics`, one thread per sample: makes its M-step channels from the CTF, residual and
+  α·z and inserts them, so the `(m, C)` array of channels is not made either.
 
 `SOURCE` is plain CUDA C++ with no shared memory or synchronisation, so the test suite also
 compiles it for the CPU (a loop over the grid) and checks it against the NumPy path on machines
