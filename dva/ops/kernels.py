@@ -141,15 +141,20 @@ def _kernel(name: str):
     return cupy.RawKernel(SOURCE, name)
 
 
+def _run(name: str, threads: int, *args) -> None:
+    """Kernel `name` on `threads` threads in blocks of `THREADS` (nothing when there are none)."""
+    if threads:
+        _kernel(name)(((threads + THREADS - 1) // THREADS,), (THREADS,), args)
+
+
 def _launch(name: str, source, index, weights, out, channels: int) -> None:
-    """Run kernel `name` over every (point, channel)."""
+    """Gather or insert kernel `name`, one thread per (point, channel)."""
     import cupy
 
     points = index.shape[0]
-    total = points * channels
-    if total == 0:
-        return
-    args = (
+    _run(
+        name,
+        points * channels,
         source,
         cupy.ascontiguousarray(index, dtype=cupy.int32),
         cupy.ascontiguousarray(weights, dtype=cupy.float32),
@@ -157,7 +162,6 @@ def _launch(name: str, source, index, weights, out, channels: int) -> None:
         cupy.int64(points),
         cupy.int32(channels),
     )
-    _kernel(name)(((total + THREADS - 1) // THREADS,), (THREADS,), args)
 
 
 def gather_cuda(volumes, index, weights):
@@ -186,10 +190,9 @@ def insert_statistics_cuda(index, weights, ctf, half_weight, residual, za, out) 
     import cupy
 
     n, pixels = ctf.shape
-    points = n * pixels
-    if points == 0:
-        return
-    args = (
+    _run(
+        "insert_statistics",
+        n * pixels,
         cupy.ascontiguousarray(index, dtype=cupy.int32),
         cupy.ascontiguousarray(weights, dtype=cupy.float32),
         cupy.ascontiguousarray(ctf, dtype=cupy.float32),
@@ -197,11 +200,10 @@ def insert_statistics_cuda(index, weights, ctf, half_weight, residual, za, out) 
         cupy.ascontiguousarray(residual, dtype=cupy.complex128).view(cupy.float64),
         cupy.ascontiguousarray(za, dtype=cupy.float64),
         out,
-        cupy.int64(points),
+        cupy.int64(n * pixels),
         cupy.int32(pixels),
         cupy.int32(za.shape[1]),
     )
-    _kernel("insert_statistics")(((points + THREADS - 1) // THREADS,), (THREADS,), args)
 
 
 def slice_stencil_cuda(rotations, kx, ky, box: int) -> tuple:
@@ -212,16 +214,16 @@ def slice_stencil_cuda(rotations, kx, ky, box: int) -> tuple:
     points = rotations.shape[0] * kx.shape[0]
     index = cupy.empty((points, 8), cupy.int32)
     weights = cupy.empty((points, 8), cupy.float32)
-    if points:
-        args = (
-            cupy.ascontiguousarray(rotations, dtype=cupy.float64),
-            cupy.ascontiguousarray(kx, dtype=cupy.float64),
-            cupy.ascontiguousarray(ky, dtype=cupy.float64),
-            index,
-            weights,
-            cupy.int64(points),
-            cupy.int32(kx.shape[0]),
-            cupy.int32(box),
-        )
-        _kernel("slice_stencil")(((points + THREADS - 1) // THREADS,), (THREADS,), args)
+    _run(
+        "slice_stencil",
+        points,
+        cupy.ascontiguousarray(rotations, dtype=cupy.float64),
+        cupy.ascontiguousarray(kx, dtype=cupy.float64),
+        cupy.ascontiguousarray(ky, dtype=cupy.float64),
+        index,
+        weights,
+        cupy.int64(points),
+        cupy.int32(kx.shape[0]),
+        cupy.int32(box),
+    )
     return index, weights
