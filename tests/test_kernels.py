@@ -131,22 +131,44 @@ def test_insert_kernel_equals_direct_sums(numpy_as_cupy):
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
 
 
-def test_statistics_kernel_equals_the_numpy_channels(numpy_as_cupy):
-    """The fused kernel's channels (made per sample, inserted with atomics) against the NumPy path
-    that builds them as an array and inserts it."""
+def _statistics_by_direct_sums(start, index, weights, ctf, half_weight, residual, za):
+    """`add_statistics`'s channels of each sample, written out in float64 and inserted neighbour by
+    neighbour with `np.add.at`: the reference for both compiled kernels."""
+    modes = za.shape[1]
+    c = ctf.astype(np.float64)
+    cw = c * half_weight
+    channels = [c * cw * za[:, a, None] * za[:, b, None] for a in range(modes) for b in range(a, modes)]
+    for a in range(modes):
+        channels += [cw * residual.real * za[:, a, None], cw * residual.imag * za[:, a, None]]
+    out = start.copy()
+    for j in range(8):
+        w = weights[:, j].astype(np.float64)
+        for k, channel in enumerate(channels):
+            np.add.at(out[:, k], index[:, j], w * channel.ravel())
+    return out
+
+
+@pytest.mark.parametrize("modes", [1, 3])
+@pytest.mark.parametrize("kernel", ["cpu", "cuda on the stand-in"])
+def test_statistics_kernels_equal_direct_sums(request, kernel, modes):
+    """The CPU (numba) and CUDA kernels each make every sample's channels and insert them: against
+    the channels written out and inserted by `np.add.at`."""
     rng = np.random.default_rng(6)
-    box, n, modes = 12, 6, 3
+    box, n = 12, 6
     index, weights = _stencil(box, rng)
     pixels = len(index) // n
     ctf = rng.uniform(-1, 1, (n, pixels)).astype(np.float32)
     half_weight = rng.uniform(0.5, 2, pixels)
     residual = rng.normal(size=(n, pixels)) + 1j * rng.normal(size=(n, pixels))
     za = rng.normal(size=(n, modes))
-    channels = modes * (modes + 1) // 2 + 2 * modes
-    expected = rng.normal(size=(box**3, channels))
-    out = expected.copy()
-    add_statistics(expected, index, weights, ctf, half_weight, residual, za)
-    kernels_module.insert_statistics_cuda(index, weights, ctf, half_weight, residual, za, out)
+    start = rng.normal(size=(box**3, modes * (modes + 1) // 2 + 2 * modes))
+    expected = _statistics_by_direct_sums(start, index, weights, ctf, half_weight, residual, za)
+    out = start.copy()
+    if kernel == "cpu":
+        add_statistics(out, index, weights, ctf, half_weight, residual, za)
+    else:
+        request.getfixturevalue("numpy_as_cupy")
+        kernels_module.insert_statistics_cuda(index, weights, ctf, half_weight, residual, za, out)
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
 
 
@@ -178,7 +200,7 @@ def gpu_path(request):
 
 def test_the_gpu_code_path_equals_the_numpy_path(gpu_path):
     """E/M and mean statistics through the GPU branches (one batch of 2^22 samples, the kernels)
-    against the NumPy path (batches of 128, SciPy's sparse kernels), mean-only rims included."""
+    against the CPU path (batches of 128, its compiled kernels), mean-only rims included."""
     from dataclasses import replace
 
     from dva.em.chunk import Chunk, make_band

@@ -16,7 +16,7 @@ import numpy as np
 
 from dva.em.chunk import Band, Chunk
 from dva.em.model import Model
-from dva.ops.slice import gather, insert, slice_stencil, view_order
+from dva.ops.slice import gather, slice_stencil, view_order
 
 BATCH = 128  # particles per vectorised step on CPU workers (their cache; 32 and 16 were no faster)
 GPU_POINTS = 2**22  # samples per vectorised step on GPU workers (~1 GB of temporaries at K = 3)
@@ -39,21 +39,15 @@ def add_statistics(sums, index, weights, ctf, half_weight, residual, za, xp: Mod
     """Insert the M-step channels of n particles' samples `(n, P)` into `sums (D³, C)` float64, in
     place: K(K+1)/2 of `c²·W·α²z_a z_b` (a ≤ b, `pair_index`), then `c·W·Re(r)·αz_a` and
     `c·W·Im(r)·αz_a` per mode a. `ctf` c, `half_weight` W `(P,)`, `residual` r, `za` αz `(n, K)`,
-    stencil `(n·P, 8)`. GPU workers make and insert them in one kernel (no `(n·P, C)` array)."""
-    if xp is not np:
+    stencil `(n·P, 8)`. Made and inserted in one compiled loop (no `(n·P, C)` array of them)."""
+    if xp is np:
+        from dva.ops.cpu import insert_statistics_cpu
+
+        insert_statistics_cpu(index, weights, ctf, half_weight, residual, za, sums)
+    else:
         from dva.ops.kernels import insert_statistics_cuda
 
         insert_statistics_cuda(index, weights, ctf, half_weight, residual, za, sums)
-        return
-    n, pixels = ctf.shape
-    pairs = pair_index(za.shape[1])
-    cw = ctf * half_weight
-    products = np.stack([za[:, a] * za[:, b] for a, b in pairs], -1)  # (n, K(K+1)/2)
-    values = np.empty((n, pixels, sums.shape[1]))  # each sample's channels side by side
-    np.multiply((ctf * cw)[..., None], products[:, None, :], out=values[..., : len(pairs)])
-    terms = (cw * residual)[..., None] * za[:, None, :]  # (n, pixels, K): c W r α z_a
-    values[..., len(pairs) :: 2], values[..., len(pairs) + 1 :: 2] = terms.real, terms.imag
-    insert(values.reshape(-1, sums.shape[1]), index, weights, sums)
 
 
 def em_statistics(

@@ -91,8 +91,9 @@ def gather(volumes, index, weights, xp: ModuleType = np):
     `trilinear_stencil` (real or complex volumes; the result has their dtype)."""
     real = xp.ascontiguousarray(volumes).view(volumes.real.dtype)  # complex: re, im side by side
     if xp is np:
-        out = np.zeros((len(index), real.shape[1]), real.dtype)
-        _sparse_kernel("csr_matvecs", len(index), len(real), index, weights, real, out)
+        from dva.ops.cpu import gather_cpu
+
+        out = gather_cpu(real, index, weights)
     else:
         from dva.ops.kernels import gather_cuda
 
@@ -109,41 +110,14 @@ def insert(values, index, weights, out, xp: ModuleType = np):
     if out.dtype != np.float64 or not out.flags.c_contiguous:
         raise ValueError("insert: out must be a C-contiguous float64 (D³, C) array")
     if xp is np:
-        # The stencil's CSR arrays read as the CSC arrays of its transpose: out += Aᵀ @ values.
-        _sparse_kernel("csc_matvecs", len(out), len(index), index, weights, values, out)
+        from dva.ops.cpu import insert_cpu
+
+        insert_cpu(values, index, weights, out)
     else:
         from dva.ops.kernels import insert_cuda
 
         insert_cuda(values, index, weights, out)
     return out
-
-
-def _sparse_kernel(name: str, rows: int, cols: int, index, weights, x, out) -> None:
-    """`out += A @ x` in place with SciPy's compiled sparse kernel `name` (`csr_matvecs`: A is the
-    stencil `(m, D³)`; `csc_matvecs`: A is its transpose), A's rows of `index.shape[1]` entries.
-
-    The kernels SciPy's own `A @ x` calls, called directly so that the products land in `out`
-    (no new `(D³, C)` array per batch, no sparse matrix object). The kernel does not check its
-    indices, so they are checked here: a stencil of another box would write outside `out`."""
-    from scipy.sparse import _sparsetools
-
-    m, width = index.shape
-    voxels = cols if name == "csr_matvecs" else rows
-    if index.size and (int(index.min()) < 0 or int(index.max()) >= voxels):
-        raise ValueError(f"{name}: stencil indices outside the {voxels} voxels of the volumes")
-    indptr = np.arange(0, m * width + 1, width, dtype=index.dtype)
-    kernel = getattr(_sparsetools, name)
-    x = np.ascontiguousarray(x, dtype=out.dtype)
-    kernel(
-        rows,
-        cols,
-        out.shape[1],
-        indptr,
-        np.ascontiguousarray(index).ravel(),
-        weights.astype(out.dtype, copy=False).ravel(),
-        x.ravel(),
-        out.ravel(),
-    )
 
 
 def mirror(volumes, xp: ModuleType = np):
