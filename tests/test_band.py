@@ -16,7 +16,8 @@ from dva.em.model import Model, fourier_stack
 from dva.em.mstep import band_filter, random_components, regularize, solve_components
 from dva.ops.filters import to_fourier
 from dva.ops.rotation import random_rotations
-from dva.ops.slice import gather, slice_coordinates, trilinear_stencil
+from dva.ops.slice import gather
+from tests.stencil import slice_coordinates, trilinear_stencil
 
 
 def test_band_is_sorted_by_radius():

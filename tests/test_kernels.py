@@ -18,7 +18,7 @@ from dva.em.estep import add_statistics, em_statistics
 from dva.ops import kernels as kernels_module
 from dva.ops.kernels import SOURCE, THREADS
 from dva.ops.rotation import random_rotations
-from dva.ops.slice import slice_coordinates, trilinear_stencil
+from tests.stencil import slice_coordinates, trilinear_stencil
 
 CUDA_ON_CPU = r"""
 #include <cmath>
@@ -172,17 +172,20 @@ def test_statistics_kernels_equal_direct_sums(request, kernel, modes):
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
 
 
-def test_slice_stencil_kernel_equals_the_numpy_stencil_exactly(numpy_as_cupy):
-    """The kernel rounds each step as NumPy does: the same indices and weights, bit for bit, for
-    random poses over the whole band, grid edges included (frequencies at the band's rim)."""
+@pytest.mark.parametrize("kernel", ["cpu", "cuda on the stand-in"])
+def test_slice_stencil_kernels_equal_the_array_stencil_exactly(request, kernel):
+    """Both compiled stencils round each step as the vectorised array code does: the same indices
+    and weights, bit for bit, for random poses over the whole band, grid edges included
+    (frequencies at the band's rim)."""
     from dva.em.chunk import make_band
     from dva.ops.slice import slice_stencil
 
     rng = np.random.default_rng(9)
     band = make_band(24)
     poses = random_rotations(40, rng)
-    index, weights = slice_stencil(poses, band.kx, band.ky, 24, numpy_as_cupy)
-    expected_index, expected_weights = slice_stencil(poses, band.kx, band.ky, 24)
+    xp = np if kernel == "cpu" else request.getfixturevalue("numpy_as_cupy")
+    index, weights = slice_stencil(poses, band.kx, band.ky, 24, xp)
+    expected_index, expected_weights = trilinear_stencil(slice_coordinates(poses, band.kx, band.ky, 24), 24)
     np.testing.assert_array_equal(index, expected_index)
     np.testing.assert_array_equal(weights, expected_weights)
 

@@ -10,12 +10,11 @@ from dva.ops.slice import (
     gather,
     gridding_correction,
     insert,
-    slice_coordinates,
     symmetrize,
-    trilinear_stencil,
     view_order,
 )
 from tests.conftest import to_host
+from tests.stencil import slice_coordinates, trilinear_stencil
 from tests.test_mrc import _corr, real_space_projection
 
 

@@ -1,10 +1,11 @@
-"""Compiled kernels of the CPU workers' hot path (numba): the trilinear gather and insert and the
-M-step channels, the twins of the CUDA kernels in `dva.ops.kernels` with the same arguments.
+"""Compiled kernels of the CPU workers' hot path (numba): the slice stencil, the trilinear gather
+and insert and the M-step channels, the twins of the CUDA kernels in `dva.ops.kernels` with the
+same arguments.
 
 Each is compiled once per channel count (a constant in the compiled loop, which is then unrolled
 and vectorised: 2x the speed of the same loop over a run-time count) and cached on disk by numba,
-so a worker pays the compilation (~0.5 s) only the first time on a machine. Sums run in the
-order of SciPy's sparse kernels that they replace: sample by sample, neighbour by neighbour.
+so a worker pays the compilation (~0.5 s) only the first time on a machine. Sums run sample by
+sample, neighbour by neighbour, as SciPy's sparse kernels (which these replaced) ran them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,34 @@ import numba
 import numpy as np
 
 JIT = {"nogil": True, "boundscheck": False, "cache": True}
+
+
+@numba.njit(**JIT)
+def _slice_stencil(rotations, kx, ky, box, index, weights):
+    # `dva.ops.slice.slice_stencil` sample by sample, as the CUDA kernel does it, each product and
+    # sum rounded on its own (no fused multiply-add without fastmath): the vectorised array
+    # stencil's result, bit for bit
+    f = np.empty(3, np.float32)
+    corner = np.empty(3, np.int64)
+    edge = (box - 1) - 1e-6
+    for i in range(rotations.shape[0]):
+        for q in range(kx.shape[0]):
+            p = i * kx.shape[0] + q
+            for a in range(3):
+                v = (kx[q] * rotations[i, 0, a] + ky[q] * rotations[i, 1, a]) * box + box // 2
+                v = min(max(v, 0.0), edge)
+                base = np.floor(v)
+                corner[a] = np.int64(base)
+                f[a] = np.float32(v - base)
+            first = (corner[2] * box + corner[1]) * box + corner[0]
+            for dz in range(2):
+                wz = f[2] if dz else np.float32(1) - f[2]
+                for dy in range(2):
+                    wzy = wz * (f[1] if dy else np.float32(1) - f[1])
+                    for dx in range(2):
+                        j = 4 * dz + 2 * dy + dx
+                        index[p, j] = first + (dz * box + dy) * box + dx
+                        weights[p, j] = wzy * (f[0] if dx else np.float32(1) - f[0])
 
 
 @functools.cache
@@ -84,6 +113,22 @@ def _check(index, voxels: int) -> None:
     """The kernels do not check their indices: a stencil of another box would write outside `out`."""
     if index.size and (int(index.min()) < 0 or int(index.max()) >= voxels):
         raise ValueError(f"stencil indices outside the {voxels} voxels of the volumes")
+
+
+def slice_stencil_cpu(rotations, kx, ky, box: int):
+    """`dva.ops.slice.slice_stencil` on a CPU: indices `(n·P, 8)` int32 and weights float32 of n poses
+    `(n, 3, 3)` at frequencies `(P,)` (cycles/pixel), with no `(3, n·P)` coordinate arrays."""
+    n, pixels = len(rotations), len(kx)
+    index, weights = np.empty((n * pixels, 8), np.int32), np.empty((n * pixels, 8), np.float32)
+    _slice_stencil(
+        np.ascontiguousarray(rotations, dtype=np.float64),
+        np.ascontiguousarray(kx, dtype=np.float64),
+        np.ascontiguousarray(ky, dtype=np.float64),
+        box,
+        index,
+        weights,
+    )
+    return index, weights
 
 
 def gather_cpu(volumes, index, weights):

@@ -25,10 +25,10 @@ extern "C" __global__ void slice_stencil(const double* rotations, const double* 
                                          int* index, float* weights, const long long points,
                                          const int pixels, const int box)
 {
-    // dva.ops.slice.trilinear_stencil(slice_coordinates(...)) for sample p (particle i = p / pixels,
-    // pixel q): voxel coordinates (kx R[i,0,a] + ky R[i,1,a]) box + box/2 on axes a = x, y, z,
-    // clipped inside the grid; its 8 neighbours j = 4 dz + 2 dy + dx and their weights. The _rn
-    // intrinsics keep each product and sum rounded as NumPy rounds them (no fused multiply-add).
+    // dva.ops.slice.slice_stencil for sample p (particle i = p / pixels, pixel q): voxel coordinates
+    // (kx R[i,0,a] + ky R[i,1,a]) box + box/2 on axes a = x, y, z, clipped inside the grid; its 8
+    // neighbours j = 4 dz + 2 dy + dx and their weights. The _rn intrinsics keep each product and
+    // sum rounded on its own, as NumPy and the CPU kernel round them (no fused multiply-add).
     const long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (p >= points) return;
     const long long i = p / pixels;

@@ -12,13 +12,6 @@ from types import ModuleType
 import numpy as np
 
 
-def slice_coordinates(rotations, kx, ky, box: int, xp: ModuleType = np):
-    """Voxel coordinates `(3, n, P)`, axis (x, y, z) first, of the 2D frequencies `(P,)` for poses
-    `(n, 3, 3)` (axis first: every step of `trilinear_stencil` then runs over contiguous rows)."""
-    rx, ry = rotations[:, 0, :].T[:, :, None], rotations[:, 1, :].T[:, :, None]  # (3, n, 1)
-    return (kx[None, None, :] * rx + ky[None, None, :] * ry) * box + box // 2
-
-
 def view_order(rotations, batch: int, xp: ModuleType = np):
     """An order `(n,)` of poses `(n, 3, 3)` in which each run of `batch` shares nearly one slice plane.
 
@@ -40,33 +33,16 @@ def neighbour_offsets(box: int, xp: ModuleType = np):
     return xp.asarray([(dz * box + dy) * box + dx for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)], xp.int32)
 
 
-def trilinear_stencil(coords, box: int, xp: ModuleType = np):
-    """Flat voxel indices `(m, 8)` (int32) and weights `(m, 8)` (float32) of the 8 neighbours of
-    coordinates `(3, ...)` (x, y, z), neighbour j = 4·dz + 2·dy + dx, m the points in order.
-
-    Coordinates must lie inside `[0, box − 1]` on every axis (the band limit ensures it); they are
-    clipped there, the upper edge nudged inside so the 8 neighbours exist: every index is a voxel.
-    """
-    c = xp.clip(xp.ascontiguousarray(coords.reshape(3, -1)), 0, box - 1 - 1e-6)
-    base = xp.floor(c)
-    f = (c - base).astype(xp.float32)
-    i = base.astype(xp.int32)  # voxel indices up to D³ (< 2³¹ for any box used)
-    corner = (i[2] * box + i[1]) * box + i[0]
-    w = xp.stack([1 - f, f], 1).transpose(2, 0, 1)  # (m, 3, 2): each point's two weights along x, y, z
-    wzy = (w[:, 2, :, None] * w[:, 1, None, :]).reshape(-1, 4)
-    # Point-major from the start (5x faster), but in memory column by column: made C-contiguous once
-    # here, as the kernels read them (not once per kernel)
-    weights = xp.ascontiguousarray((wzy[:, :, None] * w[:, 0, None, :]).reshape(-1, 8))
-    # Indices built as (8, m) rows (faster than an inner axis of 8), returned point-major
-    return xp.ascontiguousarray((neighbour_offsets(box, xp)[:, None] + corner).T), weights
-
-
 def slice_stencil(rotations, kx, ky, box: int, xp: ModuleType = np):
-    """`trilinear_stencil(slice_coordinates(rotations, kx, ky, box))`: the `(n·P, 8)` indices and
-    weights of n poses' central slices at frequencies `(P,)`; on GPU workers in one kernel (no
-    coordinate arrays, one launch instead of a dozen)."""
+    """The trilinear stencil of n poses' central slices at frequencies `(P,)` (cycles/pixel): flat
+    indices `(n·P, 8)` int32 into the `(D³, ·)` volumes and weights `(n·P, 8)` float32 of the 8
+    neighbours j = 4·dz + 2·dy + dx of the voxel coordinates `D·Aᵀk + D//2` (x, y, z), sample
+    p = i·P + q. Coordinates are clipped inside `[0, D − 1)` so every neighbour is a voxel (the band
+    limit keeps them there anyway). One compiled kernel per backend, no coordinate arrays."""
     if xp is np:
-        return trilinear_stencil(slice_coordinates(rotations, kx, ky, box, xp), box, xp)
+        from dva.ops.cpu import slice_stencil_cpu
+
+        return slice_stencil_cpu(rotations, kx, ky, box)
     from dva.ops.kernels import slice_stencil_cuda
 
     return slice_stencil_cuda(rotations, kx, ky, box)
@@ -88,7 +64,7 @@ def gridding_correction(box: int, xp: ModuleType = np):
 
 def gather(volumes, index, weights, xp: ModuleType = np):
     """Trilinear samples `(m, C)` of flattened volumes `(D³, C)` at a stencil `(m, 8)` from
-    `trilinear_stencil` (real or complex volumes; the result has their dtype)."""
+    `slice_stencil` (real or complex volumes; the result has their dtype)."""
     real = xp.ascontiguousarray(volumes).view(volumes.real.dtype)  # complex: re, im side by side
     if xp is np:
         from dva.ops.cpu import gather_cpu
