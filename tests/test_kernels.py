@@ -246,3 +246,19 @@ def test_the_gpu_code_path_equals_the_numpy_path(gpu_path):
     if launched is not None:
         assert launched == ["slice_stencil", "insert_float64"]
     close(got, mean_statistics(chunk, band, "input"), ("num", "den"))
+
+
+def test_gram_kernel_equals_float64_sums():
+    """The CPU E-step sums `Re(SᴴWS)`, `Re(SᴴWy)` against complex128 einsums."""
+    from dva.em.estep import slice_gram
+
+    rng = np.random.default_rng(10)
+    n, pixels, width = 5, 300, 4
+    s = (rng.normal(size=(n, pixels, width)) + 1j * rng.normal(size=(n, pixels, width))).astype(np.complex64)
+    y = (rng.normal(size=(n, pixels)) + 1j * rng.normal(size=(n, pixels))).astype(np.complex64)
+    weight = rng.uniform(0.5, 2, pixels)
+    gram, proj = slice_gram(s, weight, y)
+    s64 = s.astype(np.complex128)
+    np.testing.assert_allclose(gram, np.einsum("npa,p,npb->nab", s64.conj(), weight, s64).real, rtol=1e-12)
+    np.testing.assert_allclose(proj, np.einsum("npa,p,np->na", s64.conj(), weight, y).real, rtol=1e-12)
+    assert gram.dtype == proj.dtype == np.float64

@@ -50,6 +50,19 @@ def add_statistics(sums, index, weights, ctf, half_weight, residual, za, xp: Mod
         insert_statistics_cuda(index, weights, ctf, half_weight, residual, za, sums)
 
 
+def slice_gram(s, weight, y, xp: ModuleType = np) -> tuple:
+    """`Re(SᵢᴴWSᵢ)` `(n, K+1, K+1)` and `Re(SᵢᴴWyᵢ)` `(n, K+1)` in float64 of n particles' slices
+    `s (n, P, K+1)`, noise weights `W (P,)` float64 and data `y (n, P)`: in one compiled pass on CPU
+    workers, as batched complex128 GEMMs on GPU workers (the slices times float64 weights)."""
+    if xp is np:
+        from dva.ops.cpu import gram_cpu
+
+        return gram_cpu(s, weight, y)
+    ws = s * weight[None, :, None]
+    gram = (xp.conj(s).transpose(0, 2, 1) @ ws).real.astype(xp.float64)  # batched GEMM, not einsum
+    return gram, (xp.conj(ws).transpose(0, 2, 1) @ y[..., None])[..., 0].real.astype(xp.float64)
+
+
 def em_statistics(
     chunk: Chunk, model: Model, band: Band, *, statistics: bool = True, keep=None, xp: ModuleType = np
 ) -> dict:
@@ -97,9 +110,7 @@ def em_statistics(
         index, weights = full_index[:, inner].reshape(-1, 8), full_weights[:, inner].reshape(-1, 8)
         s = gather(model.volumes, index, weights, xp).reshape(n, -1, k + 1) * c[:, inner, None]  # (n, inner, K+1)
         comps = s[..., 1:]
-        ws = s * weight[None, inner, None]
-        gram = (xp.conj(s).transpose(0, 2, 1) @ ws).real.astype(xp.float64)  # (n, K+1, K+1); batched GEMM, not einsum
-        proj = (xp.conj(ws).transpose(0, 2, 1) @ y[:, inner, None])[..., 0].real.astype(xp.float64)  # (n, K+1)
+        gram, proj = slice_gram(s, weight[inner], y[:, inner], xp)
         s0 = xp.empty(y.shape, dtype=s.dtype)  # the mean's slice over the whole band
         s0[:, inner] = s[..., 0]
         for part in outer:

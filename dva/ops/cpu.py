@@ -109,6 +109,30 @@ def _insert_statistics(modes: int):
     return insert_statistics
 
 
+@functools.cache
+def _gram(width: int):
+    @numba.njit(**JIT)
+    def gram(s, weight, y, out, proj):
+        for i in range(s.shape[0]):
+            g = np.zeros((width, width))
+            b = np.zeros(width)
+            for q in range(s.shape[1]):
+                w = np.float64(weight[q])
+                yr, yi = np.float64(y[i, q].real), np.float64(y[i, q].imag)
+                for a in range(width):
+                    ar, ai = w * np.float64(s[i, q, a].real), w * np.float64(s[i, q, a].imag)
+                    b[a] += ar * yr + ai * yi
+                    for c in range(a, width):
+                        g[a, c] += ar * np.float64(s[i, q, c].real) + ai * np.float64(s[i, q, c].imag)
+            for a in range(width):
+                proj[i, a] = b[a]
+                for c in range(a, width):
+                    out[i, a, c] = g[a, c]
+                    out[i, c, a] = g[a, c]
+
+    return gram
+
+
 def _check(index, voxels: int) -> None:
     """The kernels do not check their indices: a stencil of another box would write outside `out`."""
     if index.size and (int(index.min()) < 0 or int(index.max()) >= voxels):
@@ -160,3 +184,12 @@ def insert_statistics_cpu(index, weights, ctf, half_weight, residual, za, out) -
         np.ascontiguousarray(za, dtype=np.float64),
         out,
     )
+
+
+def gram_cpu(s, weight, y):
+    """`Re(Sᴴ W S)` `(n, C, C)` and `Re(Sᴴ W y)` `(n, C)` in float64 of n particles' slices `s (n, P, C)`
+    with weights `W (P,)` and data `y (n, P)`, summed in float64 over the pixels in one pass."""
+    n, _, width = s.shape
+    out, proj = np.empty((n, width, width)), np.empty((n, width))
+    _gram(width)(np.ascontiguousarray(s), np.ascontiguousarray(weight), np.ascontiguousarray(y), out, proj)
+    return out, proj
