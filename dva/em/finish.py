@@ -32,8 +32,13 @@ def principal_axes(components, z, noise_cov, xp: ModuleType = np):
 
 
 def subspace_angle_deg(old, new, xp: ModuleType = np) -> float:
-    """Largest principal angle (degrees) between the spans of two `(K, ...)` sets of volumes."""
-    qa, _ = xp.linalg.qr(old.reshape(len(old), -1).T.astype(xp.float64))
-    qb, _ = xp.linalg.qr(new.reshape(len(new), -1).T.astype(xp.float64))
-    cosines = xp.linalg.svd(qa.T @ qb, compute_uv=False)
+    """Largest principal angle (degrees) between the spans of two `(K, ...)` sets of volumes.
+
+    The cosines are the singular values of `L_a⁻¹ (A Bᵀ) L_b⁻ᵀ`, with `L` the Cholesky factors of
+    the sets' Gram matrices (`QᵀQ` of their QR factors, from K×K products: no `(N, K)` QR)."""
+    a = old.reshape(len(old), -1).astype(xp.float64)
+    b = new.reshape(len(new), -1).astype(xp.float64)
+    low_a, low_b = xp.linalg.cholesky(a @ a.T), xp.linalg.cholesky(b @ b.T)
+    inner = xp.linalg.solve(low_a, xp.linalg.solve(low_b, (a @ b.T).T).T)
+    cosines = xp.linalg.svd(inner, compute_uv=False)
     return float(np.degrees(np.arccos(np.clip(float(cosines.min()), -1.0, 1.0))))

@@ -9,33 +9,54 @@ import numpy as np
 from dva.em.chunk import inside_band_3d
 from dva.em.estep import pair_index
 from dva.em.mean import shell_mean
-from dva.ops.filters import butterworth_highpass, butterworth_lowpass, radius_3d, to_fourier, to_real
+from dva.ops.filters import butterworth_highpass, butterworth_lowpass, filter_real, hermitian_to_real, radius_3d
 from dva.ops.slice import gridding_correction, symmetrize
 
 
 def solve_components(stats: dict, box: int, modes: int, lam: float, xp: ModuleType = np) -> np.ndarray:
-    """Components `(K, D, D, D)` (real space) from summed statistics: `v(ω) = (G(ω) + λ·s·I)⁻¹ b(ω)`,
-    then the gridding correction.
+    """Components `(K, D, D, D)` (real space) from summed statistics: `v(ω) = (G(ω) + λ·s·I)⁻¹ b(ω)`
+    in every voxel inside the band, then the gridding correction.
 
     `s` is the mean of tr(G)/K over the voxel's shell, so λ is relative to the data's weight there.
     """
     k = modes
-    full_g = symmetrize(stats["G"].T, box, 1.0, xp)  # (K(K+1)/2, D³)
-    g = xp.zeros((box**3, k, k))
-    for c, (a, b) in enumerate(pair_index(k)):
-        g[:, a, b] = full_g[c]
-        g[:, b, a] = full_g[c]
-    re = symmetrize(stats["b"][:, 0::2].T, box, 1.0, xp)  # (K, D³)
-    im = symmetrize(stats["b"][:, 1::2].T, box, -1.0, xp)
-    rhs = xp.stack([re.T, im.T], -1)  # (D³, K, 2)
+    pairs = pair_index(k)
     inside = xp.flatnonzero(inside_band_3d(box, xp))
-    scale = shell_mean(xp.trace(g, axis1=1, axis2=2) / k, box, xp)[inside]
-    lhs = g[inside] + (lam * scale + 1e-30)[:, None, None] * xp.eye(k)
-    sol = xp.linalg.solve(lhs, rhs[inside])  # (m, K, 2)
+    g = symmetrize(stats["G"].T, box, 1.0, xp)  # (K(K+1)/2, D³)
+    scale = shell_mean(sum(g[c] for c, (a, b) in enumerate(pairs) if a == b) / k, box, xp)[inside]
+    channel = np.zeros((k, k), np.int64)  # the channel of G_ab
+    for c, (a, b) in enumerate(pairs):
+        channel[a, b] = channel[b, a] = c
+    lhs = g[:, inside][xp.asarray(channel)]  # (K, K, m)
+    diagonal = xp.arange(k)
+    lhs[diagonal, diagonal] += lam * scale + 1e-30
+    re = symmetrize(stats["b"][:, 0::2].T, box, 1.0, xp)[:, inside]  # (K, m)
+    im = symmetrize(stats["b"][:, 1::2].T, box, -1.0, xp)[:, inside]
+    sol = solve_spd(lhs, xp.stack([re, im], 1), xp)  # (K, 2, m)
     spectrum = xp.zeros((k, box**3), dtype=xp.complex128)
-    spectrum[:, inside] = (sol[..., 0] + 1j * sol[..., 1]).T
+    spectrum[:, inside] = sol[:, 0] + 1j * sol[:, 1]
     correction = gridding_correction(box, xp)
-    return xp.stack([to_real(s.reshape(box, box, box), xp) / correction for s in spectrum])
+    return xp.stack([hermitian_to_real(s.reshape(box, box, box), xp) / correction for s in spectrum])
+
+
+def solve_spd(a, b, xp: ModuleType = np):
+    """`x = a⁻¹ b` for symmetric positive definite `a (K, K, m)` and `b (K, r, m)`, m systems at once
+    (Cholesky, vectorised over the last axis: ~5x faster than `linalg.solve` for m small K×K
+    systems). Pivots are floored at 1e-300 (a zero row of `a` gives a zero row of `x`)."""
+    k = a.shape[0]
+    low = xp.zeros_like(a)
+    for j in range(k):
+        pivot = a[j, j] - (low[j, :j] ** 2).sum(0)
+        low[j, j] = xp.sqrt(xp.maximum(pivot, 1e-300))
+        for i in range(j + 1, k):
+            low[i, j] = (a[i, j] - (low[i, :j] * low[j, :j]).sum(0)) / low[j, j]
+    y = xp.empty_like(b)
+    for i in range(k):  # low · y = b
+        y[i] = (b[i] - (low[i, :i, None] * y[:i]).sum(0)) / low[i, i]
+    x = xp.empty_like(b)
+    for i in reversed(range(k)):  # lowᵀ · x = y
+        x[i] = (y[i] - (low[i + 1 :, i, None] * x[i + 1 :]).sum(0)) / low[i, i]
+    return x
 
 
 def band_filter(
@@ -71,7 +92,7 @@ def gram_schmidt(volumes: np.ndarray, xp: ModuleType = np) -> np.ndarray:
 
 def regularize(components, mask, filt, *, orthonormalize: bool, xp: ModuleType = np):
     """Mask, filter and (optionally) Gram–Schmidt the components."""
-    vols = xp.stack([to_real(to_fourier(v * mask, xp) * filt, xp) for v in components])
+    vols = xp.stack([filter_real(v * mask, filt, xp) for v in components])
     return gram_schmidt(vols, xp) if orthonormalize else vols
 
 

@@ -31,3 +31,18 @@ def to_fourier(volume, xp: ModuleType = np):
 def to_real(spectrum, xp: ModuleType = np):
     """Inverse of `to_fourier` (real part)."""
     return xp.fft.fftshift(xp.fft.ifftn(xp.fft.ifftshift(spectrum))).real
+
+
+def hermitian_to_real(spectrum, xp: ModuleType = np):
+    """`to_real` of a Hermitian centred spectrum `(D, D, D)` (`X(−k) = X(k)*`), from its half
+    (`irfftn`: half the work). Other spectra must go through `to_real`."""
+    half = xp.fft.ifftshift(spectrum)[..., : spectrum.shape[-1] // 2 + 1]
+    return xp.fft.fftshift(xp.fft.irfftn(half, s=spectrum.shape, axes=(0, 1, 2)))
+
+
+def filter_real(volume, filt, xp: ModuleType = np):
+    """`to_real(to_fourier(volume) · filt)` for a real volume and a real filter `(D, D, D)` that is
+    even (`filt(−k) = filt(k)`, as radial filters are), through `rfftn`/`irfftn` (half the work)."""
+    half = xp.fft.ifftshift(filt)[..., : volume.shape[-1] // 2 + 1]
+    spectrum = xp.fft.rfftn(xp.fft.ifftshift(volume)) * half
+    return xp.fft.fftshift(xp.fft.irfftn(spectrum, s=volume.shape, axes=(0, 1, 2)))
