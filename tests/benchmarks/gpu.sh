@@ -3,8 +3,8 @@
 # benchmarks (100k particles box 128 K=3 resident and streamed, box 256 K=10 50k particles).
 #
 # Here first (PyPI reachable): `bash ../shared/gpu/fetch-wheels.sh`, then the wheels of dva's own
-# dependencies that the GPU image lacks (typer, rich, xarray, psutil, scikit-learn, matplotlib,
-# ... with the device README's `pip download` line into .whl/). Then:
+# dependencies that the GPU image lacks (typer, rich, xarray, psutil, numba, llvmlite, scipy,
+# scikit-learn, matplotlib, ... with the device README's `pip download` line into .whl/). Then:
 #   run(command="bash tests/benchmarks/gpu.sh", carry=[".whl"], timeout_s=600)
 # Results: $OUT/tests.log, $OUT/bench.jsonl (one `dva bench --json` line per configuration).
 set -o pipefail
