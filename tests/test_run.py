@@ -134,13 +134,14 @@ def test_progress_is_plain_lines_off_a_terminal(tmp_path):
     assert "importing: 200/200" in lines and "━" not in r.output
 
 
-@pytest.mark.parametrize("value", ["1", "-0.1"])
-def test_band_tolerance_outside_0_to_1_is_refused(tmp_path, value):
+@pytest.mark.parametrize(
+    ("option", "value"), [("--band-tolerance", "1"), ("--band-tolerance", "-0.1"), ("--lambda", "0")]
+)
+def test_parameters_out_of_range_are_refused(tmp_path, option, value):
+    """A band tolerance outside [0, 1), or no M-step regularisation (the per-voxel solves need it)."""
     sim = simulate_dataset(tmp_path / "sim", "tiny", particles=20, seed=1)
     args = ["run", str(sim / "particles.star"), "--mask", str(sim / "mask.mrc"), "--filter-res", "12"]
-    r = runner.invoke(
-        app, [*args, "--band-tolerance", value, "--out", str(tmp_path / "o"), "--workers", "1", "--quiet"]
-    )
+    r = runner.invoke(app, [*args, option, value, "--out", str(tmp_path / "o"), "--workers", "1", "--quiet"])
     lines = r.stderr.strip().splitlines()
     assert r.exit_code == 2 and len(lines) == 1, r.output
-    assert f"--band-tolerance {float(value)}" in lines[0]
+    assert f"{option} {float(value)}" in lines[0]

@@ -147,6 +147,8 @@ def _check(params: RunParams, box_in: int, pixel_in: float) -> tuple[int, float]
         )
     if params.noise not in ("colored", "white"):
         raise DvaInputError(f"--noise {params.noise}: use colored or white")
+    if not params.lam > 0:
+        raise DvaInputError(f"--lambda {params.lam}: must be positive (it keeps every voxel's K×K system solvable)")
     return box, pixel
 
 
