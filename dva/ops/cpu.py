@@ -1,11 +1,12 @@
 """Compiled kernels of the CPU workers' hot path (numba): the slice stencil, the trilinear gather
-and insert and the M-step channels, the twins of the CUDA kernels in `dva.ops.kernels` with the
-same arguments.
+and insert and the M-step channels (the twins of the CUDA kernels in `dva.ops.kernels`, with the
+same arguments), and the E-step sums `Re(SᴴWS)`, `Re(SᴴWy)` (GEMMs on GPU workers).
 
 Each is compiled once per channel count (a constant in the compiled loop, which is then unrolled
 and vectorised: 2x the speed of the same loop over a run-time count) and cached on disk by numba,
-so a worker pays the compilation (~0.5 s) only the first time on a machine. Sums run sample by
-sample, neighbour by neighbour, as SciPy's sparse kernels (which these replaced) ran them.
+so a worker pays the compilation (~1.4 s for an E/M pass's four) only on a machine's first run.
+Loading numba and LLVM adds ~150 MB to a worker's memory. Sums run sample by sample, neighbour by
+neighbour, as SciPy's sparse kernels (which these replaced) ran them.
 """
 
 from __future__ import annotations
