@@ -11,7 +11,7 @@ from types import ModuleType
 import numpy as np
 
 from dva.em.mstep import band_filter
-from dva.ops.filters import to_fourier, to_real
+from dva.ops.filters import filter_real
 from dva.ops.fourier import fourier_crop
 
 
@@ -60,7 +60,7 @@ def prepare_volume(volume, pixel_size_A: float, options: VolumeOptions, xp: Modu
             options.highpass_order,
             xp,
         )
-        out = to_real(to_fourier(out, xp) * filt, xp)
+        out = filter_real(out, filt, xp)
     if options.downsample and options.downsample != box:
         out = fourier_crop(out, options.downsample, ndim=3, xp=xp)
     if options.crop:

@@ -27,7 +27,7 @@ from dva.engine.tasks import em_coordinates, em_partial, mean_partial
 from dva.errors import DvaInputError
 from dva.io.mask import load_mask
 from dva.io.store import open_store, store_location, task_limits
-from dva.ops.filters import to_fourier, to_real
+from dva.ops.filters import filter_real
 from dva.ops.fsc import fsc, resolution_A
 
 EPS = 0.01  # E-step ridge, relative to tr(G_i)/K
@@ -222,7 +222,7 @@ def run_3dva(
         mean = solve_mean(mean_stats["num"][0], mean_stats["den"][0], box)
         # Data sign (DESIGN.md §1): protein density is positive; a low-passed mean that is negative
         # inside the mask means the stored images are black on white, so they are used negated.
-        data_sign = 1.0 if float((to_real(to_fourier(mean) * filt) * mask).sum()) >= 0 else -1.0
+        data_sign = 1.0 if float((filter_real(mean, filt) * mask).sum()) >= 0 else -1.0
         comps = random_components(params.modes, mask, filt, np.random.default_rng(params.seed))
         state = State(mean * data_sign, comps, noise_from_power(mean_stats, params.noise == "white"), None)
         start = 0

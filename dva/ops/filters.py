@@ -29,13 +29,8 @@ def to_fourier(volume, xp: ModuleType = np):
 
 
 def to_real(spectrum, xp: ModuleType = np):
-    """Inverse of `to_fourier` (real part)."""
-    return xp.fft.fftshift(xp.fft.ifftn(xp.fft.ifftshift(spectrum))).real
-
-
-def hermitian_to_real(spectrum, xp: ModuleType = np):
-    """`to_real` of a Hermitian centred spectrum `(D, D, D)` (`X(−k) = X(k)*`), from its half
-    (`irfftn`: half the work). Other spectra must go through `to_real`."""
+    """Inverse of `to_fourier` for the spectrum of a real volume (Hermitian, `X(−k) = X(k)*`, as every
+    spectrum dva inverts is): `irfftn` of its half, half the work of `ifftn`."""
     half = xp.fft.ifftshift(spectrum)[..., : spectrum.shape[-1] // 2 + 1]
     return xp.fft.fftshift(xp.fft.irfftn(half, s=spectrum.shape, axes=(0, 1, 2)))
 

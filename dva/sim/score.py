@@ -8,7 +8,7 @@ import numpy as np
 
 from dva.em.mstep import band_filter
 from dva.io.mask import load_mask
-from dva.ops.filters import to_fourier, to_real
+from dva.ops.filters import filter_real
 from dva.ops.fourier import fourier_crop
 
 
@@ -34,7 +34,7 @@ def score(result, sim_dir: Path, filter_res_A: float, *, min_fraction: float = 0
     for c in chosen:
         if c.shape[0] != box:  # the run Fourier-cropped the data: crop the truth alike
             c = fourier_crop(c, box, ndim=3)
-        true.append(to_real(to_fourier(c * mask) * filt).ravel())
+        true.append(filter_real(c * mask, filt).ravel())
     q_true, _ = np.linalg.qr(np.stack(true).T)
     q_est, _ = np.linalg.qr(result.components.reshape(len(result.components), -1).T.astype(np.float64))
     per_mode = ((q_true.T @ q_est) ** 2).sum(1)
