@@ -14,7 +14,7 @@ from typing import ClassVar
 import numpy as np
 import pytest
 
-from dva.em.estep import add_statistics, em_statistics
+from dva.em.estep import em_statistics
 from dva.ops import kernels as kernels_module
 from dva.ops.kernels import SOURCE, THREADS
 from dva.ops.rotation import random_rotations
@@ -42,23 +42,52 @@ RUN(gather_float64, double, double)
 RUN(insert_float64, double, double)
 extern "C" void run_slice_stencil(const double* r, const double* kx, const double* ky, int* i, float* w,
     long long points, int pixels, int box) { GRID(points, slice_stencil(r, kx, ky, i, w, points, pixels, box)) }
-extern "C" void run_insert_statistics(const int* i, const float* w, const float* c, const double* hw,
-    const double* r, const double* za, double* o, long long points, int pixels, int modes) {
-    GRID(points, insert_statistics(i, w, c, hw, r, za, o, points, pixels, modes)) }
+#ifdef MODES
+extern "C" void run_estep_sums(const long long* o, const double* r, const float* y, const float* c, const float* v,
+    const double* kx, const double* ky, const double* w, int box, int lo, int hi, double sign, double* out,
+    long long particles, int pixels, int segments) {
+    GRID(particles * segments, estep_sums(o, r, y, c, v, kx, ky, w, box, lo, hi, sign, out, particles, pixels,
+                                          segments)) }
+extern "C" void run_estep_insert(const long long* o, const double* r, const float* y, const float* c, const float* v,
+    const double* kx, const double* ky, const double* w, const int* shell, const double* m, int box, int lo, int hi,
+    double sign, const double* alpha, const double* z, double* power, double* sums, int statistics,
+    long long particles, int pixels, int shells, int segments) {
+    GRID(particles * segments, estep_insert(o, r, y, c, v, kx, ky, w, shell, m, box, lo, hi, sign, alpha, z, power,
+                                            sums, statistics, particles, pixels, shells, segments)) }
+#endif
 """
 
 
 @pytest.fixture(scope="module")
 def kernels(tmp_path_factory):
+    """`compile(options)`: the kernels built for the CPU with those `-D` options (each build once)."""
     if shutil.which("g++") is None:
         pytest.skip("no g++ to compile the kernels for the CPU")
     folder = tmp_path_factory.mktemp("kernels")
     (folder / "k.cpp").write_text(CUDA_ON_CPU + SOURCE + LAUNCHERS)
-    subprocess.run(
-        ["g++", "-O1", "-shared", "-fPIC", f"-DTHREADS={THREADS}", "-o", str(folder / "k.so"), str(folder / "k.cpp")],
-        check=True,
-    )
-    return ctypes.CDLL(str(folder / "k.so"))
+    built = {}
+
+    def compile(options: tuple = ()):
+        if options not in built:
+            library = folder / f"k{len(built)}.so"
+            subprocess.run(
+                [
+                    "g++",
+                    "-O1",
+                    "-shared",
+                    "-fPIC",
+                    f"-DTHREADS={THREADS}",
+                    *options,
+                    "-o",
+                    str(library),
+                    str(folder / "k.cpp"),
+                ],
+                check=True,
+            )
+            built[options] = ctypes.CDLL(str(library))
+        return built[options]
+
+    return compile
 
 
 class _RawKernelOnCpu:
@@ -66,20 +95,23 @@ class _RawKernelOnCpu:
 
     launched: ClassVar[list[str]] = []  # names, in order
 
-    def __init__(self, kernels, source: str, name: str):
+    def __init__(self, kernels, source: str, name: str, options: tuple = ()):
         assert source == SOURCE
-        self.name, self.run = name, getattr(kernels, f"run_{name}")
+        self.name, self.run = name, getattr(kernels(tuple(options)), f"run_{name}")
 
     def __call__(self, grid: tuple, block: tuple, args: tuple) -> None:
         assert block == (THREADS,) and len(grid) == 1
         self.launched.append(self.name)
         for a in args:
             assert not isinstance(a, np.ndarray) or a.flags.c_contiguous  # what the kernels index
+        scalars = {
+            np.dtype(np.int64): ctypes.c_longlong,
+            np.dtype(np.int32): ctypes.c_int,
+            np.dtype(np.float64): ctypes.c_double,
+        }
         self.run(
             *(
-                a.ctypes.data_as(ctypes.c_void_p)
-                if isinstance(a, np.ndarray)
-                else (ctypes.c_longlong if a.dtype == np.int64 else ctypes.c_int)(int(a))
+                a.ctypes.data_as(ctypes.c_void_p) if isinstance(a, np.ndarray) else scalars[a.dtype](a.item())
                 for a in args
             )
         )
@@ -91,7 +123,7 @@ def numpy_as_cupy(kernels, monkeypatch):
     `xp is not np` branches, the kernels' launches and arguments) runs on the CPU."""
     module = types.ModuleType("cupy")
     module.__getattr__ = lambda name: getattr(np, name)
-    module.RawKernel = lambda source, name: _RawKernelOnCpu(kernels, source, name)
+    module.RawKernel = lambda source, name, options=(): _RawKernelOnCpu(kernels, source, name, options)
     monkeypatch.setitem(sys.modules, "cupy", module)
     kernels_module._kernel.cache_clear()
     yield module
@@ -131,45 +163,88 @@ def test_insert_kernel_equals_direct_sums(numpy_as_cupy):
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
 
 
-def _statistics_by_direct_sums(start, index, weights, ctf, half_weight, residual, za):
-    """`add_statistics`'s channels of each sample, written out in float64 and inserted neighbour by
-    neighbour with `np.add.at`: the reference for both compiled kernels."""
-    modes = za.shape[1]
-    c = ctf.astype(np.float64)
-    cw = c * half_weight
+def _random_chunk(rng, n: int, pixels: int, box: int, modes: int):
+    """A chunk of n particles of random data, CTFs, poses and scales, and random volumes `(D³, K+1)`."""
+    from dva.em.chunk import Chunk
+
+    chunk = Chunk(
+        y=(rng.normal(size=(n, pixels)) + 1j * rng.normal(size=(n, pixels))).astype(np.complex64),
+        ctf=rng.uniform(-1, 1, (n, pixels)).astype(np.float32),
+        rotation=random_rotations(n, rng),
+        scale=rng.uniform(0.5, 2, n),
+    )
+    volumes = rng.normal(size=(box**3, modes + 1)) + 1j * rng.normal(size=(box**3, modes + 1))
+    return chunk, volumes.astype(np.complex64)
+
+
+def _passes_by_direct_sums(chunk, model, band, alpha, z, start):
+    """Both E-step passes written out in complex128 from the array stencil (`tests.stencil`):
+    every slice made, the components zeroed outside their pixel range, sums by einsum, the
+    residual power and the M-step channels inserted neighbour by neighbour with `np.add.at`."""
+    box, (n, pixels) = band.box, chunk.y.shape
+    lo, hi = model.pixels
+    index, weights = trilinear_stencil(slice_coordinates(chunk.rotation, band.kx, band.ky, box), box)
+    w = weights.astype(np.float64)
+    s = np.einsum("mj,mjc->mc", w, model.volumes.astype(np.complex128)[index]).reshape(n, pixels, -1)
+    s *= chunk.ctf[..., None]
+    inner = np.zeros(pixels, bool)
+    inner[lo:hi] = True
+    s[:, ~inner, 1:] = 0
+    y = model.data_sign * chunk.y.astype(np.complex128)
+    weight = model.noise_inverse[band.shell] * band.multiplicity
+    gram = np.einsum("npa,p,npb->nab", s.conj(), weight, s).real
+    proj = np.einsum("npa,p,np->na", s.conj(), weight, y).real
+    data = (np.abs(y) ** 2 * weight).sum(1)
+    r = y - alpha[:, None] * s[..., 0]
+    resid = r - alpha[:, None] * (s[..., 1:] @ z[..., None])[..., 0]
+    power = np.zeros((n, band.shells))
+    np.add.at(power, (np.arange(n)[:, None], band.shell[None, :]), band.multiplicity * np.abs(resid) ** 2)
+    za, c = alpha[:, None] * z, chunk.ctf.astype(np.float64) * inner
+    cw = c * weight / 2
+    modes = z.shape[1]
     channels = [c * cw * za[:, a, None] * za[:, b, None] for a in range(modes) for b in range(a, modes)]
     for a in range(modes):
-        channels += [cw * residual.real * za[:, a, None], cw * residual.imag * za[:, a, None]]
-    out = start.copy()
+        channels += [cw * r.real * za[:, a, None], cw * r.imag * za[:, a, None]]
+    sums = start.copy()
     for j in range(8):
-        w = weights[:, j].astype(np.float64)
         for k, channel in enumerate(channels):
-            np.add.at(out[:, k], index[:, j], w * channel.ravel())
-    return out
+            np.add.at(sums[:, k], index[:, j], w[:, j] * channel.ravel())
+    return gram, proj, data, power, sums
 
 
 @pytest.mark.parametrize("modes", [1, 3])
 @pytest.mark.parametrize("kernel", ["cpu", "cuda on the stand-in"])
-def test_statistics_kernels_equal_direct_sums(request, kernel, modes):
-    """The CPU (numba) and CUDA kernels each make every sample's channels and insert them: against
-    the channels written out and inserted by `np.add.at`."""
+def test_estep_passes_equal_direct_sums(request, kernel, modes):
+    """The fused E-step passes of both backends (numba; CUDA through the stand-in, several threads
+    per particle) against every slice, sum and insertion written out in complex128: components
+    over part of the band, the data sign flipped, particles in the view order."""
+    from dva.em.chunk import make_band
+    from dva.em.estep import _kernel_arguments, estep_insert, estep_sums
+    from dva.em.model import Model
+    from dva.ops.slice import view_order
+
     rng = np.random.default_rng(6)
-    box, n = 12, 6
-    index, weights = _stencil(box, rng)
-    pixels = len(index) // n
-    ctf = rng.uniform(-1, 1, (n, pixels)).astype(np.float32)
-    half_weight = rng.uniform(0.5, 2, pixels)
-    residual = rng.normal(size=(n, pixels)) + 1j * rng.normal(size=(n, pixels))
-    za = rng.normal(size=(n, modes))
+    box, n = 12, 7
+    band = make_band(box)
+    pixels = len(band.flat)
+    chunk, volumes = _random_chunk(rng, n, pixels, box, modes)
+    model = Model(
+        volumes.astype(np.complex64), rng.uniform(0.5, 2, box // 2), 0.01, "optimal", -1.0, None, (4, pixels - 9)
+    )
+    alpha, z = rng.uniform(0.5, 2, n), rng.normal(size=(n, modes))
     start = rng.normal(size=(box**3, modes * (modes + 1) // 2 + 2 * modes))
-    expected = _statistics_by_direct_sums(start, index, weights, ctf, half_weight, residual, za)
+    gram, proj, data, power, sums = _passes_by_direct_sums(chunk, model, band, alpha, z, start)
+
+    xp = np if kernel == "cpu" else request.getfixturevalue("numpy_as_cupy")
+    order = np.ascontiguousarray(view_order(chunk.rotation, 3), dtype=np.int64)
+    shared = _kernel_arguments(chunk, model, band, xp)
+    got = estep_sums(order, shared, xp)
     out = start.copy()
-    if kernel == "cpu":
-        add_statistics(out, index, weights, ctf, half_weight, residual, za)
-    else:
-        request.getfixturevalue("numpy_as_cupy")
-        kernels_module.insert_statistics_cuda(index, weights, ctf, half_weight, residual, za, out)
-    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
+    got_power = estep_insert(order, shared, band, alpha, z, out, xp)
+    names = ("gram", "proj", "data", "power", "sums")
+    for name, value, want in zip(names, (*got, got_power, out), (gram, proj, data, power, sums), strict=True):
+        # float32 volumes and gathers: the sums agree to float32 rounding
+        np.testing.assert_allclose(value, want, rtol=0, atol=2e-6 * np.abs(want).max(), err_msg=name)
 
 
 @pytest.mark.parametrize("kernel", ["cpu", "cuda on the stand-in"])
@@ -216,13 +291,7 @@ def test_the_gpu_code_path_equals_the_numpy_path(gpu_path):
     box, n, modes = 16, 300, 2
     band = make_band(box)
     pixels = len(band.flat)
-    chunk = Chunk(
-        y=(rng.normal(size=(n, pixels)) + 1j * rng.normal(size=(n, pixels))).astype(np.complex64),
-        ctf=rng.uniform(-1, 1, (n, pixels)).astype(np.float32),
-        rotation=random_rotations(n, rng),
-        scale=rng.uniform(0.5, 2, n),
-    )
-    volumes = (rng.normal(size=(box**3, modes + 1)) + 1j * rng.normal(size=(box**3, modes + 1))).astype(np.complex64)
+    chunk, volumes = _random_chunk(rng, n, pixels, box, modes)
     model = Model(volumes, np.ones(box // 2), 0.01, "optimal", 1.0, None, (3, pixels - 20))
     on_device = Chunk(*(xp.asarray(a) for a in (chunk.y, chunk.ctf, chunk.rotation, chunk.scale)))
     device_model = replace(model, volumes=xp.asarray(volumes), noise_inverse=xp.asarray(model.noise_inverse))
@@ -239,26 +308,10 @@ def test_the_gpu_code_path_equals_the_numpy_path(gpu_path):
         launched.clear()
     got = em_statistics(on_device, device_model, device_band, xp=xp)
     if launched is not None:
-        assert set(launched) == {"slice_stencil", "gather_float32", "insert_statistics"}
+        assert launched == ["estep_sums", "estep_insert"]
         launched.clear()
     close(got, em_statistics(chunk, model, band), ("G", "b", "z", "alpha", "zsum", "power", "objective"))
     got = mean_statistics(on_device, device_band, "input", xp)
     if launched is not None:
         assert launched == ["slice_stencil", "insert_float64"]
     close(got, mean_statistics(chunk, band, "input"), ("num", "den"))
-
-
-def test_gram_kernel_equals_float64_sums():
-    """The CPU E-step sums `Re(SᴴWS)`, `Re(SᴴWy)` against complex128 einsums."""
-    from dva.em.estep import slice_gram
-
-    rng = np.random.default_rng(10)
-    n, pixels, width = 5, 300, 4
-    s = (rng.normal(size=(n, pixels, width)) + 1j * rng.normal(size=(n, pixels, width))).astype(np.complex64)
-    y = (rng.normal(size=(n, pixels)) + 1j * rng.normal(size=(n, pixels))).astype(np.complex64)
-    weight = rng.uniform(0.5, 2, pixels)
-    gram, proj = slice_gram(s, weight, y)
-    s64 = s.astype(np.complex128)
-    np.testing.assert_allclose(gram, np.einsum("npa,p,npb->nab", s64.conj(), weight, s64).real, rtol=1e-12)
-    np.testing.assert_allclose(proj, np.einsum("npa,p,np->na", s64.conj(), weight, y).real, rtol=1e-12)
-    assert gram.dtype == proj.dtype == np.float64

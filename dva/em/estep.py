@@ -16,18 +16,10 @@ import numpy as np
 
 from dva.em.chunk import Band, Chunk
 from dva.em.model import Model
-from dva.ops.slice import gather, slice_stencil, view_order
+from dva.ops.slice import view_order
 
-BATCH = 128  # particles per vectorised step on CPU workers (their cache; 32 and 16 were no faster)
-GPU_POINTS = 2**22  # samples per vectorised step on GPU workers (~1 GB of temporaries at K = 3)
+ORDER_RUN = 128  # particles per run of nearby slice planes in `view_order` (CPU caches; 32 and 16 were no faster)
 ALPHA_RANGE = (0.1, 10.0)  # optimal per-particle scales are clipped to this range
-
-
-def batch_size(pixels: int, xp: ModuleType = np) -> int:
-    """Particles per vectorised step for images of `pixels` samples: `BATCH` on CPU workers; on GPU
-    workers as many as make `GPU_POINTS` samples (666 at box 128), so that each of the step's few
-    dozen kernel launches has work to do (unmeasured on a GPU)."""
-    return BATCH if xp is np else max(1, GPU_POINTS // max(pixels, 1))
 
 
 def pair_index(k: int) -> list[tuple[int, int]]:
@@ -35,32 +27,78 @@ def pair_index(k: int) -> list[tuple[int, int]]:
     return [(a, b) for a in range(k) for b in range(a, k)]
 
 
-def add_statistics(sums, index, weights, ctf, half_weight, residual, za, xp: ModuleType = np) -> None:
-    """Insert the M-step channels of n particles' samples `(n, P)` into `sums (D³, C)` float64, in
-    place: K(K+1)/2 of `c²·W·α²z_a z_b` (a ≤ b, `pair_index`), then `c·W·Re(r)·αz_a` and
-    `c·W·Im(r)·αz_a` per mode a. `ctf` c, `half_weight` W `(P,)`, `residual` r, `za` αz `(n, K)`,
-    stencil `(n·P, 8)`. Made and inserted in one compiled loop (no `(n·P, C)` array of them)."""
-    if xp is np:
-        from dva.ops.cpu import insert_statistics_cpu
+def _kernel_arguments(chunk: Chunk, model: Model, band: Band, xp: ModuleType) -> tuple:
+    """The arguments the two passes' kernels share: poses, data, CTFs, volumes (re, im side by
+    side), frequencies, noise weights W `(P,)` (both halves counted), box, the components' pixel
+    range and the data sign."""
+    box = band.box
+    if model.volumes.shape[0] != box**3:
+        raise ValueError(f"volumes have {model.volumes.shape[0]} voxels, not the {box**3} of box {box}")
+    lo, hi = model.pixels or (0, len(band.flat))
+    volumes = xp.ascontiguousarray(model.volumes, dtype=xp.complex64)
+    return (
+        xp.ascontiguousarray(chunk.rotation, dtype=xp.float64),
+        xp.ascontiguousarray(chunk.y, dtype=xp.complex64),
+        xp.ascontiguousarray(chunk.ctf, dtype=xp.float32),
+        volumes.view(xp.float32),
+        xp.ascontiguousarray(band.kx, dtype=xp.float64),
+        xp.ascontiguousarray(band.ky, dtype=xp.float64),
+        xp.ascontiguousarray(model.noise_inverse[band.shell] * band.multiplicity, dtype=xp.float64),
+        box,
+        int(lo),
+        int(hi),
+        float(model.data_sign),
+    )
 
-        insert_statistics_cpu(index, weights, ctf, half_weight, residual, za, sums)
+
+def estep_sums(order, shared: tuple, xp: ModuleType = np) -> tuple:
+    """First pass, per particle in `order`: `Re(SᵢᴴWSᵢ)` `(n, K+1, K+1)`, `Re(SᵢᴴWyᵢ)` `(n, K+1)` and
+    `yᵢᴴWyᵢ` `(n,)` in float64, with slices `s_ik = c_i·S_i V_k` gathered on the fly (the mean over
+    the whole band, the components over `[lo, hi)`; `shared` from `_kernel_arguments`). One
+    compiled kernel per backend; no stencil or slice stack is stored."""
+    width = shared[3].shape[1] // 2
+    if xp is np:
+        from dva.ops.cpu import estep_sums_cpu
+
+        out = estep_sums_cpu(order, *shared)
     else:
-        from dva.ops.kernels import insert_statistics_cuda
+        from dva.ops.kernels import estep_sums_cuda
 
-        insert_statistics_cuda(index, weights, ctf, half_weight, residual, za, sums)
+        out = estep_sums_cuda(order, *shared)
+    out = out.sum(1)  # over the segments a GPU thread each summed
+    square = width * width
+    return out[:, :square].reshape(-1, width, width), out[:, square:-1], out[:, -1]
 
 
-def slice_gram(s, weight, y, xp: ModuleType = np) -> tuple:
-    """`Re(SᵢᴴWSᵢ)` `(n, K+1, K+1)` and `Re(SᵢᴴWyᵢ)` `(n, K+1)` in float64 of n particles' slices
-    `s (n, P, K+1)`, noise weights `W (P,)` float64 and data `y (n, P)`: in one compiled pass on CPU
-    workers, as batched complex128 GEMMs on GPU workers (the slices times float64 weights)."""
+def estep_insert(order, shared: tuple, band: Band, alpha, z, sums, xp: ModuleType = np):
+    """Second pass, per particle in `order`, with the slices gathered again: the residual power per
+    shell `(n, shells)` (`|yᵢ − αᵢ(s_i0 + Σ z_ik s_ik)|²`, both halves counted) returned, and, when
+    `sums (D³, C)` float64 has rows, the M-step channels of each component pixel inserted into it:
+    K(K+1)/2 of `c²·W/2·α²z_a z_b` (a ≤ b, `pair_index`), then `c·W/2·Re(r)·αz_a` and
+    `c·W/2·Im(r)·αz_a` per mode a, with r = y − α s_0 (W/2: each sample stands for itself and its
+    mate, `symmetrize`)."""
+    n = len(alpha)
+    power = xp.zeros((n, band.shells))
+    arguments = (
+        order,
+        *shared[:7],
+        xp.ascontiguousarray(band.shell, dtype=xp.int32),
+        xp.ascontiguousarray(band.multiplicity, dtype=xp.float64),
+        *shared[7:],
+        xp.ascontiguousarray(alpha, dtype=xp.float64),
+        xp.ascontiguousarray(z, dtype=xp.float64),
+        power,
+        sums,
+    )
     if xp is np:
-        from dva.ops.cpu import gram_cpu
+        from dva.ops.cpu import estep_insert_cpu
 
-        return gram_cpu(s, weight, y)
-    ws = s * weight[None, :, None]
-    gram = (xp.conj(s).transpose(0, 2, 1) @ ws).real.astype(xp.float64)  # batched GEMM, not einsum
-    return gram, (xp.conj(ws).transpose(0, 2, 1) @ y[..., None])[..., 0].real.astype(xp.float64)
+        estep_insert_cpu(*arguments)
+    else:
+        from dva.ops.kernels import estep_insert_cuda
+
+        estep_insert_cuda(*arguments)
+    return power
 
 
 def em_statistics(
@@ -74,94 +112,57 @@ def em_statistics(
     mean alone, so `1 − objective/baseline` is the fraction the components explain), `power`/`count` per shell of the
     residual and, with `statistics`, `G (D³, K(K+1)/2)` and `b (D³, 2K)` (re, im per mode) in float64,
     voxel-major (each voxel's channels side by side, as the insertion adds them).
+
+    Two passes of one compiled kernel each over all the chunk's particles, in an order of nearby
+    slice planes (cache locality), with the small per-particle solves between them.
     """
     if keep is not None:  # only these particles (a half-set)
         chosen = xp.flatnonzero(xp.asarray(keep))
         chunk = Chunk(chunk.y[chosen], chunk.ctf[chosen], chunk.rotation[chosen], chunk.scale[chosen])
-    box, k = band.box, model.modes
-    weight = model.noise_inverse[band.shell] * band.multiplicity  # (P,): W, counting both halves
-    lo_px, hi_px = model.pixels or (0, len(band.flat))
-    inner = slice(lo_px, hi_px)
-    outer = [part for part in (slice(0, lo_px), slice(hi_px, len(band.flat))) if part.stop > part.start]
-    mean_volume = xp.ascontiguousarray(model.volumes[:, :1]) if outer else None
+    k, n = model.modes, len(chunk.y)
     pairs = pair_index(k)
+    shared = _kernel_arguments(chunk, model, band, xp)
+    order = xp.ascontiguousarray(view_order(chunk.rotation, ORDER_RUN, xp), dtype=xp.int64)
+    gram, proj, data = estep_sums(order, shared, xp)
+    g = gram[:, 1:, 1:]
+    ridge = (model.eps * xp.trace(g, axis1=1, axis2=2) / k + 1e-30)[:, None, None] * xp.eye(k)
+    alpha_moments = xp.zeros(3)
+    if model.scale == "optimal":
+        # α and u = α·z fitted together (y ≈ α s_0 + Σ u_k s_k is linear in both), so the
+        # scale does not soak up variability that projects onto the mean; then shrunk towards
+        # the population by its noise (empirical Bayes, `Model.scale_prior`).
+        joint = gram.copy()
+        joint[:, 1:, 1:] += ridge
+        joint_inverse = xp.linalg.inv(joint)
+        alpha_ls = xp.einsum("nl,nl->n", joint_inverse[:, 0], proj)
+        alpha_var = joint_inverse[:, 0, 0]
+        alpha_moments = xp.stack([alpha_ls.sum(), (alpha_ls**2).sum(), alpha_var.sum()])
+        alpha = alpha_ls
+        if model.scale_prior is not None:
+            centre, spread = model.scale_prior
+            alpha = centre + (alpha_ls - centre) * (spread / (spread + alpha_var))
+        alpha = xp.clip(alpha, *ALPHA_RANGE)
+    elif model.scale == "input":
+        alpha = xp.asarray(chunk.scale, dtype=xp.float64)
+    else:
+        alpha = xp.ones(n)
+    bvec = proj[:, 1:] - alpha[:, None] * gram[:, 1:, 0]  # Re(S_iᴴ W r_i), r_i = y_i − α_i s_i0
+    inverse = xp.linalg.inv(g + ridge)
+    z = xp.einsum("nkl,nl->nk", inverse, bvec) / alpha[:, None]
+    sums = xp.zeros((band.box**3 if statistics else 0, len(pairs) + 2 * k))
+    power = estep_insert(order, shared, band, alpha, z, sums, xp).sum(0)
     out = {
-        "z": [],
-        "alpha": [],
-        "objective": 0.0,
-        "baseline": 0.0,
-        "zcov": xp.zeros((k, k)),
-        "particles": len(chunk.y),
-        "zsum": xp.zeros(k),
-        "alpha_moments": xp.zeros(3),
-        "power": xp.zeros(band.shells),
-        "count": band.shell_counts(len(chunk.y), xp),
+        "particles": n,
+        "z": z,
+        "alpha": alpha,
+        "zsum": z.sum(0),
+        "zcov": (inverse / (alpha**2)[:, None, None]).sum(0),
+        "alpha_moments": alpha_moments,
+        "objective": float((power * model.noise_inverse).sum()),  # Σ W|residual|², W = 1/σ² · multiplicity
+        "baseline": float((data - 2 * alpha * proj[:, 0] + alpha**2 * gram[:, 0, 0]).sum()),  # Σ W|r|²
+        "power": power,
+        "count": band.shell_counts(n, xp),
     }
     if statistics:
-        sums = xp.zeros((box**3, len(pairs) + 2 * k))
-    batch = batch_size(len(band.flat), xp)
-    order = view_order(chunk.rotation, batch, xp)  # batches of nearby slice planes (cache locality)
-    for lo in range(0, len(chunk.y), batch):
-        sl = order[lo : lo + batch]
-        y, c = chunk.y[sl] * model.data_sign, chunk.ctf[sl]
-        n = len(y)
-        stencil = slice_stencil(chunk.rotation[sl], band.kx, band.ky, box, xp)
-        full_index, full_weights = (a.reshape(n, -1, 8) for a in stencil)
-        index, weights = full_index[:, inner].reshape(-1, 8), full_weights[:, inner].reshape(-1, 8)
-        s = gather(model.volumes, index, weights, xp).reshape(n, -1, k + 1) * c[:, inner, None]  # (n, inner, K+1)
-        comps = s[..., 1:]
-        gram, proj = slice_gram(s, weight[inner], y[:, inner], xp)
-        s0 = xp.empty(y.shape, dtype=s.dtype)  # the mean's slice over the whole band
-        s0[:, inner] = s[..., 0]
-        for part in outer:
-            mean = gather(mean_volume, full_index[:, part].reshape(-1, 8), full_weights[:, part].reshape(-1, 8), xp)
-            s0[:, part] = mean.reshape(n, -1) * c[:, part]
-        if outer:  # the mean's terms over the whole band
-            gram[:, 0, 0] = ((xp.abs(s0) ** 2) * weight).sum(-1)
-            proj[:, 0] = (xp.conj(s0) * weight * y).real.sum(-1)
-        g = gram[:, 1:, 1:]
-        ridge = (model.eps * xp.trace(g, axis1=1, axis2=2) / k + 1e-30)[:, None, None] * xp.eye(k)
-        if model.scale == "optimal":
-            # α and u = α·z fitted together (y ≈ α s_0 + Σ u_k s_k is linear in both), so the
-            # scale does not soak up variability that projects onto the mean; then shrunk towards
-            # the population by its noise (empirical Bayes, `Model.scale_prior`).
-            joint = gram.copy()
-            joint[:, 1:, 1:] += ridge
-            joint_inverse = xp.linalg.inv(joint)
-            alpha_ls = xp.einsum("nl,nl->n", joint_inverse[:, 0], proj)
-            alpha_var = joint_inverse[:, 0, 0]
-            out["alpha_moments"] += xp.stack([alpha_ls.sum(), (alpha_ls**2).sum(), alpha_var.sum()])
-            alpha = alpha_ls
-            if model.scale_prior is not None:
-                centre, spread = model.scale_prior
-                alpha = centre + (alpha_ls - centre) * (spread / (spread + alpha_var))
-            alpha = xp.clip(alpha, *ALPHA_RANGE)
-        elif model.scale == "input":
-            alpha = chunk.scale[sl]
-        else:
-            alpha = xp.ones(n)
-        r = y - alpha[:, None] * s0
-        bvec = proj[:, 1:] - alpha[:, None] * gram[:, 1:, 0]  # Re(S_iᴴ W r_i)
-        inverse = xp.linalg.inv(g + ridge)
-        z = xp.einsum("nkl,nl->nk", inverse, bvec) / alpha[:, None]
-        out["zcov"] += (inverse / (alpha**2)[:, None, None]).sum(0)
-        out["zsum"] += z.sum(0)
-        resid = r.copy()
-        resid[:, inner] -= alpha[:, None] * (comps @ z.astype(comps.dtype)[..., None])[..., 0]
-        res2 = xp.abs(resid) ** 2 * band.multiplicity
-        out["objective"] += float((res2 * model.noise_inverse[band.shell]).sum())
-        out["baseline"] += float(((xp.abs(r) ** 2) * weight).sum())
-        out["power"] += xp.bincount(
-            xp.broadcast_to(band.shell, res2.shape).ravel(), weights=res2.ravel(), minlength=band.shells
-        )
-        out["z"].append(z)
-        out["alpha"].append(alpha)
-        if statistics:  # W/2: each sample stands for itself and its mate (`symmetrize`)
-            add_statistics(sums, index, weights, c[:, inner], weight[inner] / 2, r[:, inner], alpha[:, None] * z, xp)
-    if statistics:
         out["G"], out["b"] = sums[:, : len(pairs)], sums[:, len(pairs) :]
-    for name, empty in (("z", (0, k)), ("alpha", (0,))):  # back to the chunk's order
-        done = xp.concatenate(out[name]) if out[name] else xp.zeros(empty)
-        out[name] = xp.empty_like(done)
-        out[name][order] = done
     return out

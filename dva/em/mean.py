@@ -11,11 +11,19 @@ from types import ModuleType
 import numpy as np
 
 from dva.em.chunk import Band, Chunk, inside_band_3d
-from dva.em.estep import batch_size
 from dva.ops.filters import radius_3d, to_real
 from dva.ops.slice import gridding_correction, insert, slice_stencil, symmetrize, view_order
 
 MEAN_TAU = 1e-3  # τ as a fraction of the shell's mean denominator
+BATCH = 128  # particles per vectorised step on CPU workers (their cache)
+GPU_POINTS = 2**22  # samples per vectorised step on GPU workers (~1 GB of temporaries)
+
+
+def batch_size(pixels: int, xp: ModuleType = np) -> int:
+    """Particles per vectorised step for images of `pixels` samples: `BATCH` on CPU workers; on GPU
+    workers as many as make `GPU_POINTS` samples (666 at box 128), so that each of the step's few
+    kernel launches has work to do (unmeasured on a GPU)."""
+    return BATCH if xp is np else max(1, GPU_POINTS // max(pixels, 1))
 
 
 def mean_statistics(chunk: Chunk, band: Band, scale: str, xp: ModuleType = np, weights=None) -> dict:

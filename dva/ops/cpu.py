@@ -1,12 +1,15 @@
-"""Compiled kernels of the CPU workers' hot path (numba): the slice stencil, the trilinear gather
-and insert and the M-step channels (the twins of the CUDA kernels in `dva.ops.kernels`, with the
-same arguments), and the E-step sums `Re(SᴴWS)`, `Re(SᴴWy)` (GEMMs on GPU workers).
+"""Compiled kernels of the CPU workers' hot path (numba), the twins of the CUDA kernels in
+`dva.ops.kernels` with the same arguments: the E-step's two fused passes, the slice stencil, and
+the trilinear gather and insert.
 
-Each is compiled once per channel count (a constant in the compiled loop, which is then unrolled
-and vectorised: 2x the speed of the same loop over a run-time count) and cached on disk by numba,
-so a worker pays the compilation (~1.4 s for an E/M pass's four) only on a machine's first run.
-Loading numba and LLVM adds ~150 MB to a worker's memory. Sums run sample by sample, neighbour by
-neighbour, as SciPy's sparse kernels (which these replaced) ran them.
+The passes loop particle by particle, pixel by pixel: each pixel's trilinear neighbours come
+from the pose, the K+1 slices are gathered there and used at once (no stencil or slice stack is
+stored). Their per-pixel arrays live on the kernel's stack (`_stack`), where LLVM keeps them in
+registers. Each kernel is compiled once per channel or mode count (a constant in the compiled
+loops, which are then unrolled and vectorised: 2x the speed of the same loop over a run-time
+count) and cached on disk by numba, so a worker pays the compilation (1.5 s for the two E-step
+passes at one K) only on a machine's first run. Loading numba and LLVM adds ~150 MB to a worker's
+memory.
 """
 
 from __future__ import annotations
@@ -15,36 +18,68 @@ import functools
 
 import numba
 import numpy as np
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 JIT = {"nogil": True, "boundscheck": False, "cache": True}
 
 
+@intrinsic
+def _stack(typingctx, size, dtype):
+    """A pointer to `size` elements of `dtype` on the calling kernel's stack (an `alloca` in its
+    entry block; wrap it with `numba.carray`). Small per-sample arrays there stay in registers; the
+    same arrays from `np.empty` live on the heap and made the E-step loops 3-4x slower. Call it in
+    the kernel itself, never from a helper that returns it (its frame would be gone)."""
+
+    if not isinstance(size, types.IntegerLiteral):
+        return None  # numba retries with the literal: the size must be a compile-time constant
+
+    def codegen(context, builder, signature, args):
+        count = context.get_constant(types.intp, size.literal_value)
+        return cgutils.alloca_once(builder, context.get_value_type(dtype.dtype), size=count)
+
+    return types.CPointer(dtype.dtype)(size, dtype), codegen
+
+
+@numba.njit(**JIT)
+def _neighbours(r, kxq, kyq, box, index, weights):
+    # The 8 trilinear neighbours of frequency (kxq, kyq) cycles/pixel under pose r (3, 3): flat
+    # indices and float32 weights, j = 4 dz + 2 dy + dx. Each product and sum rounded on its own, as
+    # the vectorised array stencil and the CUDA kernel round them (no fused multiply-add without
+    # fastmath): their result, bit for bit
+    edge = (box - 1) - 1e-6
+    first = 0
+    fx = fy = fz = np.float32(0)
+    for a in range(3):
+        v = (kxq * r[0, a] + kyq * r[1, a]) * box + box // 2
+        v = min(max(v, 0.0), edge)
+        base = np.floor(v)
+        if a == 0:
+            first += np.int64(base)
+            fx = np.float32(v - base)
+        elif a == 1:
+            first += np.int64(base) * box
+            fy = np.float32(v - base)
+        else:
+            first += np.int64(base) * box * box
+            fz = np.float32(v - base)
+    for dz in range(2):
+        wz = fz if dz else np.float32(1) - fz
+        for dy in range(2):
+            wzy = wz * (fy if dy else np.float32(1) - fy)
+            for dx in range(2):
+                j = 4 * dz + 2 * dy + dx
+                index[j] = first + (dz * box + dy) * box + dx
+                weights[j] = wzy * (fx if dx else np.float32(1) - fx)
+
+
 @numba.njit(**JIT)
 def _slice_stencil(rotations, kx, ky, box, index, weights):
-    # `dva.ops.slice.slice_stencil` sample by sample, as the CUDA kernel does it, each product and
-    # sum rounded on its own (no fused multiply-add without fastmath): the vectorised array
-    # stencil's result, bit for bit
-    f = np.empty(3, np.float32)
-    corner = np.empty(3, np.int64)
-    edge = (box - 1) - 1e-6
     for i in range(rotations.shape[0]):
         for q in range(kx.shape[0]):
             p = i * kx.shape[0] + q
-            for a in range(3):
-                v = (kx[q] * rotations[i, 0, a] + ky[q] * rotations[i, 1, a]) * box + box // 2
-                v = min(max(v, 0.0), edge)
-                base = np.floor(v)
-                corner[a] = np.int64(base)
-                f[a] = np.float32(v - base)
-            first = (corner[2] * box + corner[1]) * box + corner[0]
-            for dz in range(2):
-                wz = f[2] if dz else np.float32(1) - f[2]
-                for dy in range(2):
-                    wzy = wz * (f[1] if dy else np.float32(1) - f[1])
-                    for dx in range(2):
-                        j = 4 * dz + 2 * dy + dx
-                        index[p, j] = first + (dz * box + dy) * box + dx
-                        weights[p, j] = wzy * (f[0] if dx else np.float32(1) - f[0])
+            _neighbours(rotations[i], kx[q], ky[q], box, index[p], weights[p])
 
 
 @functools.cache
@@ -78,60 +113,122 @@ def _insert(channels: int):
 
 
 @functools.cache
-def _insert_statistics(modes: int):
-    channels = modes * (modes + 1) // 2 + 2 * modes
+def _estep_sums(modes: int):
+    width = modes + 1
+    columns, square = 2 * width, width * width
 
     @numba.njit(**JIT)
-    def insert_statistics(index, weights, ctf, half_weight, residual, za, out):
-        n, pixels = ctf.shape
-        v = np.empty(channels)
-        for i in range(n):
-            for q in range(pixels):
-                p = i * pixels + q
-                c = np.float64(ctf[i, q])
-                cw = c * half_weight[q]
-                g = c * cw
-                re, im = cw * residual[i, q].real, cw * residual[i, q].imag
-                k = 0
-                for a in range(modes):
-                    for b in range(a, modes):
-                        v[k] = g * (za[i, a] * za[i, b])
-                        k += 1
-                for a in range(modes):
-                    v[k] = re * za[i, a]
-                    v[k + 1] = im * za[i, a]
-                    k += 2
-                for j in range(8):
-                    row = index[p, j]
-                    w = np.float64(weights[p, j])
-                    for c in range(channels):
-                        out[row, c] += w * v[c]
+    def estep_sums(order, rotations, y, ctf, volumes, kx, ky, weight, box, lo, hi, sign, out):
+        index = numba.carray(_stack(8, np.int64), (8,))
+        w8 = numba.carray(_stack(8, np.float32), (8,))
+        s = numba.carray(_stack(columns, np.float32), (columns,))
+        d = numba.carray(_stack(columns, np.float64), (columns,))
+        g = numba.carray(_stack(square, np.float64), (width, width))
+        b = numba.carray(_stack(width, np.float64), (width,))
+        for i in order:
+            r = rotations[i]
+            g[:] = 0.0
+            b[:] = 0.0
+            yy = 0.0
+            for q in range(kx.shape[0]):
+                _neighbours(r, kx[q], ky[q], box, index, w8)
+                c, wq = np.float64(ctf[i, q]), weight[q]
+                yr, yi = sign * np.float64(y[i, q].real), sign * np.float64(y[i, q].imag)
+                yy += wq * (yr * yr + yi * yi)
+                if lo <= q < hi:
+                    s[:] = 0
+                    for j in range(8):
+                        for ch in range(columns):
+                            s[ch] += w8[j] * volumes[index[j], ch]
+                    for ch in range(columns):
+                        d[ch] = c * s[ch]
+                    for a in range(width):  # the whole square: unrolled, 2x the triangle's speed
+                        ar, ai = wq * d[2 * a], wq * d[2 * a + 1]
+                        b[a] += ar * yr + ai * yi
+                        for e in range(width):
+                            g[a, e] += ar * d[2 * e] + ai * d[2 * e + 1]
+                else:
+                    sr = si = np.float32(0)
+                    for j in range(8):
+                        sr += w8[j] * volumes[index[j], 0]
+                        si += w8[j] * volumes[index[j], 1]
+                    ar, ai = wq * (c * sr), wq * (c * si)
+                    b[0] += ar * yr + ai * yi
+                    g[0, 0] += ar * (c * sr) + ai * (c * si)
+            # constant indices only (loops of constant length, unrolled): an alloca indexed at run
+            # time anywhere is kept in memory everywhere (2.2x slower)
+            for a in range(width):
+                for e in range(width):
+                    out[i, 0, a * width + e] = g[a, e]
+                out[i, 0, square + a] = b[a]
+            out[i, 0, square + width] = yy
 
-    return insert_statistics
+    return estep_sums
 
 
 @functools.cache
-def _gram(width: int):
-    @numba.njit(**JIT)
-    def gram(s, weight, y, out, proj):
-        for i in range(s.shape[0]):
-            g = np.zeros((width, width))
-            b = np.zeros(width)
-            for q in range(s.shape[1]):
-                w = np.float64(weight[q])
-                yr, yi = np.float64(y[i, q].real), np.float64(y[i, q].imag)
-                for a in range(width):
-                    ar, ai = w * np.float64(s[i, q, a].real), w * np.float64(s[i, q, a].imag)
-                    b[a] += ar * yr + ai * yi
-                    for c in range(a, width):
-                        g[a, c] += ar * np.float64(s[i, q, c].real) + ai * np.float64(s[i, q, c].imag)
-            for a in range(width):
-                proj[i, a] = b[a]
-                for c in range(a, width):
-                    out[i, a, c] = g[a, c]
-                    out[i, c, a] = g[a, c]
+def _estep_insert(modes: int):
+    width = modes + 1
+    columns = 2 * width
+    pairs = modes * (modes + 1) // 2
+    channels = pairs + 2 * modes
 
-    return gram
+    @numba.njit(**JIT)
+    def estep_insert(
+        order, rotations, y, ctf, volumes, kx, ky, weight, shell, multiplicity, box, lo, hi, sign, alpha, z, power, sums
+    ):
+        index = numba.carray(_stack(8, np.int64), (8,))
+        w8 = numba.carray(_stack(8, np.float32), (8,))
+        s = numba.carray(_stack(columns, np.float32), (columns,))
+        za = numba.carray(_stack(modes, np.float64), (modes,))
+        zz = numba.carray(_stack(pairs, np.float64), (pairs,))  # α²z_a z_b, a ≤ b
+        v = numba.carray(_stack(channels, np.float64), (channels,))
+        statistics = sums.shape[0] > 0
+        for i in order:
+            r = rotations[i]
+            for a in range(modes):
+                za[a] = alpha[i] * z[i, a]
+            k = 0
+            for a in range(modes):
+                for e in range(a, modes):
+                    zz[k] = za[a] * za[e]
+                    k += 1
+            for q in range(kx.shape[0]):
+                _neighbours(r, kx[q], ky[q], box, index, w8)
+                c = np.float64(ctf[i, q])
+                yr, yi = sign * np.float64(y[i, q].real), sign * np.float64(y[i, q].imag)
+                if lo <= q < hi:
+                    s[:] = 0
+                    for j in range(8):
+                        for ch in range(columns):
+                            s[ch] += w8[j] * volumes[index[j], ch]
+                    rr, ri = yr - alpha[i] * (c * s[0]), yi - alpha[i] * (c * s[1])
+                    er, ei = rr, ri
+                    for a in range(modes):
+                        er -= za[a] * (c * s[2 * a + 2])
+                        ei -= za[a] * (c * s[2 * a + 3])
+                    power[i, shell[q]] += multiplicity[q] * (er * er + ei * ei)
+                    if statistics:
+                        cw = c * (weight[q] / 2)
+                        gg, re, im = c * cw, cw * rr, cw * ri
+                        for k in range(pairs):
+                            v[k] = gg * zz[k]
+                        for a in range(modes):
+                            v[pairs + 2 * a] = re * za[a]
+                            v[pairs + 2 * a + 1] = im * za[a]
+                        for j in range(8):
+                            w = np.float64(w8[j])
+                            for ch in range(channels):
+                                sums[index[j], ch] += w * v[ch]
+                else:
+                    sr = si = np.float32(0)
+                    for j in range(8):
+                        sr += w8[j] * volumes[index[j], 0]
+                        si += w8[j] * volumes[index[j], 1]
+                    rr, ri = yr - alpha[i] * (c * sr), yi - alpha[i] * (c * si)
+                    power[i, shell[q]] += multiplicity[q] * (rr * rr + ri * ri)
+
+    return estep_insert
 
 
 def _check(index, voxels: int) -> None:
@@ -172,25 +269,16 @@ def insert_cpu(values, index, weights, out) -> None:
     _insert(out.shape[1])(np.ascontiguousarray(values, dtype=np.float64), index, weights, out)
 
 
-def insert_statistics_cpu(index, weights, ctf, half_weight, residual, za, out) -> None:
-    """`dva.em.estep.add_statistics` on a CPU: each sample's M-step channels made and inserted in
-    one loop, with no `(m, C)` array of them (arguments as `insert_statistics_cuda`)."""
-    _check(index, len(out))
-    _insert_statistics(za.shape[1])(
-        index,
-        weights,
-        np.ascontiguousarray(ctf),
-        np.ascontiguousarray(half_weight, dtype=np.float64),
-        np.ascontiguousarray(residual, dtype=np.complex128),
-        np.ascontiguousarray(za, dtype=np.float64),
-        out,
-    )
+def estep_sums_cpu(order, rotations, y, ctf, volumes, *rest):
+    """`dva.em.estep.estep_sums` on a CPU (the kernel arguments as there): `(n, 1, W)` float64, one
+    row per particle, in one pass with no stencil or slices stored."""
+    width = volumes.shape[1] // 2
+    out = np.zeros((len(y), 1, width * width + width + 1))
+    _estep_sums(width - 1)(order, rotations, y, ctf, volumes, *rest, out)
+    return out
 
 
-def gram_cpu(s, weight, y):
-    """`Re(Sᴴ W S)` `(n, C, C)` and `Re(Sᴴ W y)` `(n, C)` in float64 of n particles' slices `s (n, P, C)`
-    with weights `W (P,)` and data `y (n, P)`, summed in float64 over the pixels in one pass."""
-    n, _, width = s.shape
-    out, proj = np.empty((n, width, width)), np.empty((n, width))
-    _gram(width)(np.ascontiguousarray(s), np.ascontiguousarray(weight), np.ascontiguousarray(y), out, proj)
-    return out, proj
+def estep_insert_cpu(*arguments) -> None:
+    """`dva.em.estep.estep_insert` on a CPU, in place (the kernel arguments as there, in order,
+    ending with `z (n, K)`, `power` and `sums`)."""
+    _estep_insert(arguments[-3].shape[1])(*arguments)

@@ -1,19 +1,26 @@
-"""CUDA kernels of the GPU workers' hot path (CuPy `RawKernel`): the slice stencil, the trilinear
-gather and insert, and the M-step channels.
+"""CUDA kernels of the GPU workers' hot path (CuPy `RawKernel`): the two E-step passes, the slice
+stencil, and the trilinear gather and insert.
 
+- `estep_sums` and `estep_insert`, the E-step's two passes (`dva.em.estep`), fused: each thread
+  takes a share of one particle's pixels, computes each pixel's trilinear neighbours from the pose,
+  gathers the K+1 slices there and uses them at once: the first pass sums `Re(SᴴWS)`, `Re(SᴴWy)`
+  and `yᴴWy`; the second, after the per-particle solves, adds the residual power per shell and
+  makes and inserts the M-step channels with `atomicAdd`. Nothing per sample is stored: no
+  stencil, no slice stack, no residual, no channels (at box 128, K = 3: each thread's 21 sums,
+  21 KB per particle with its 128 threads, against ~0.7 MB of per-sample arrays per particle
+  before). Compiled once per mode count (`-DMODES=K`), so each thread's small arrays are registers.
 - `slice_stencil`, one thread per sample: the `(m, 8)` int32 indices into the flattened volumes'
   rows and float32 weights of its trilinear neighbours, from its pose and frequency, rounded step
-  by step as NumPy rounds them (both backends interpolate with the same stencil).
+  by step as NumPy rounds them (both backends interpolate with the same stencil). The mean's
+  reconstruction (`dva.em.mean`) inserts through it.
 - `gather_*` and `insert_float64`, one thread per (sample, channel): a gather reads the 8
   neighbours and writes one value; an insert adds its value times each weight into the accumulator
   with `atomicAdd`. Neither makes the `(m·8, C)` products that `cupyx.scatter_add` needs (610 MB
-  per 128 particles of box 128 with the 12 statistic channels).
-- `insert_statistics`, one thread per sample: makes its M-step channels from the CTF, residual and
-  α·z and inserts them, so the `(m, C)` array of channels is not made either.
+  per 128 particles of box 128 with 12 channels).
 
 `SOURCE` is plain CUDA C++ with no shared memory or synchronisation, so the test suite also
 compiles it for the CPU (a loop over the grid) and checks it against the NumPy path on machines
-without a GPU.
+without a GPU. None of it has run on a GPU yet.
 """
 
 from __future__ import annotations
@@ -21,23 +28,17 @@ from __future__ import annotations
 import functools
 
 SOURCE = r"""
-extern "C" __global__ void slice_stencil(const double* rotations, const double* kx, const double* ky,
-                                         int* index, float* weights, const long long points,
-                                         const int pixels, const int box)
+__device__ void neighbours(const double* r, const double kx, const double ky, const int box, int* index,
+                           float* weights)
 {
-    // dva.ops.slice.slice_stencil for sample p (particle i = p / pixels, pixel q): voxel coordinates
-    // (kx R[i,0,a] + ky R[i,1,a]) box + box/2 on axes a = x, y, z, clipped inside the grid; its 8
-    // neighbours j = 4 dz + 2 dy + dx and their weights. The _rn intrinsics keep each product and
-    // sum rounded on its own, as NumPy and the CPU kernel round them (no fused multiply-add).
-    const long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (p >= points) return;
-    const long long i = p / pixels;
-    const long long q = p - i * pixels;
-    const double* r = rotations + 9 * i;
+    // The 8 trilinear neighbours j = 4 dz + 2 dy + dx of frequency (kx, ky) cycles/pixel under pose
+    // r (3x3, row-major): voxel coordinates (kx r[0,a] + ky r[1,a]) box + box/2 on axes a = x, y, z,
+    // clipped inside the grid. The _rn intrinsics keep each product and sum rounded on its own, as
+    // NumPy and the CPU kernels round them (no fused multiply-add).
     int corner[3];
     float f[3];
     for (int a = 0; a < 3; ++a) {
-        double v = __dadd_rn(__dmul_rn(kx[q], r[a]), __dmul_rn(ky[q], r[3 + a]));
+        double v = __dadd_rn(__dmul_rn(kx, r[a]), __dmul_rn(ky, r[3 + a]));
         v = __dadd_rn(__dmul_rn(v, (double)box), (double)(box / 2));
         v = fmin(fmax(v, 0.0), (double)(box - 1) - 1e-6);
         const double base = floor(v);
@@ -51,11 +52,23 @@ extern "C" __global__ void slice_stencil(const double* rotations, const double* 
             const float wzy = wz * (dy ? f[1] : 1.0f - f[1]);
             for (int dx = 0; dx < 2; ++dx) {
                 const int j = 4 * dz + 2 * dy + dx;
-                index[p * 8 + j] = first + (dz * box + dy) * box + dx;
-                weights[p * 8 + j] = wzy * (dx ? f[0] : 1.0f - f[0]);
+                index[j] = first + (dz * box + dy) * box + dx;
+                weights[j] = wzy * (dx ? f[0] : 1.0f - f[0]);
             }
         }
     }
+}
+
+extern "C" __global__ void slice_stencil(const double* rotations, const double* kx, const double* ky,
+                                         int* index, float* weights, const long long points,
+                                         const int pixels, const int box)
+{
+    // dva.ops.slice.slice_stencil for sample p (particle i = p / pixels, pixel q)
+    const long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (p >= points) return;
+    const long long i = p / pixels;
+    const long long q = p - i * pixels;
+    neighbours(rotations + 9 * i, kx[q], ky[q], box, index + 8 * p, weights + 8 * p);
 }
 
 template <typename T>
@@ -100,51 +113,155 @@ extern "C" __global__ void insert_float64(const double* values, const int* index
     }
 }
 
-extern "C" __global__ void insert_statistics(const int* index, const float* weights, const float* ctf,
-                                             const double* half_weight, const double* residual,
-                                             const double* za, double* out, const long long points,
-                                             const int pixels, const int modes)
+#ifdef MODES
+// The two E-step passes (dva.em.estep), compiled once per mode count K = MODES so that the
+// per-thread arrays below are registers. Thread t works for particle order[t / segments] on its
+// pixels q = t % segments, + segments, ... (a warp reads neighbouring pixels), gathering each
+// pixel's slices from the volumes (V, 2(K+1)) float32 (re, im of V_0..V_K side by side) itself:
+// the components inside [lo, hi), the mean alone elsewhere. No stencil or slice stack is stored.
+#define WIDTH (MODES + 1)
+#define COLUMNS (2 * WIDTH)
+#define PAIRS (MODES * (MODES + 1) / 2)
+#define CHANNELS (PAIRS + 2 * MODES)
+
+template <int N>
+__device__ void gather_slices(const float* volumes, const int* index, const float* weights, float* s)
 {
-    // The M-step channels of sample p (particle i = p / pixels, pixel q = p % pixels), made here and
-    // inserted: K(K+1)/2 of c^2 W z_a z_b (a <= b), then c W Re(r) z_a and c W Im(r) z_a per mode a,
-    // with W = half_weight[q], z = za[i] (alpha z), r = residual[p] (re, im).
-    const long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (p >= points) return;
-    const long long i = p / pixels;
-    const double c = (double)ctf[p];
-    const double cw = c * half_weight[p - i * pixels];
-    const double g = c * cw;
-    const double re = cw * residual[2 * p], im = cw * residual[2 * p + 1];
-    const double* z = za + i * modes;
-    const int channels = modes * (modes + 1) / 2 + 2 * modes;
+    // the first N columns of the 8 neighbours' rows, weighted (N a constant: s stays in registers)
+#pragma unroll
+    for (int ch = 0; ch < N; ++ch) s[ch] = 0.0f;
     for (int j = 0; j < 8; ++j) {
-        double* row = out + (long long)index[p * 8 + j] * channels;
-        const double w = (double)weights[p * 8 + j];
-        int k = 0;
-        for (int a = 0; a < modes; ++a) {
-            for (int b = a; b < modes; ++b) atomicAdd(&row[k++], w * (g * (z[a] * z[b])));
+        const float* row = volumes + (long long)index[j] * COLUMNS;
+#pragma unroll
+        for (int ch = 0; ch < N; ++ch) s[ch] += weights[j] * row[ch];
+    }
+}
+
+extern "C" __global__ void estep_sums(const long long* order, const double* rotations, const float* y,
+                                      const float* ctf, const float* volumes, const double* kx,
+                                      const double* ky, const double* weight, const int box, const int lo,
+                                      const int hi, const double sign, double* out, const long long particles,
+                                      const int pixels, const int segments)
+{
+    // out[i, segment] = (Re(S^H W S) (K+1)^2 row-major, Re(S^H W y) (K+1), y^H W y) over the
+    // thread's pixels, slices s_k = c S V_k
+    const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= particles * segments) return;
+    const long long i = order[t / segments];
+    const int segment = (int)(t % segments);
+    const double* r = rotations + 9 * i;
+    double g[WIDTH * WIDTH], b[WIDTH], yy = 0.0;
+    for (int a = 0; a < WIDTH * WIDTH; ++a) g[a] = 0.0;
+    for (int a = 0; a < WIDTH; ++a) b[a] = 0.0;
+    int index[8];
+    float w8[8], s[COLUMNS];
+    for (int q = segment; q < pixels; q += segments) {
+        neighbours(r, kx[q], ky[q], box, index, w8);
+        const long long p = i * pixels + q;
+        const double c = (double)ctf[p], wq = weight[q];
+        const double yr = sign * (double)y[2 * p], yi = sign * (double)y[2 * p + 1];
+        yy += wq * (yr * yr + yi * yi);
+        if (q >= lo && q < hi) {
+            gather_slices<COLUMNS>(volumes, index, w8, s);
+            for (int a = 0; a < WIDTH; ++a) {
+                const double ar = wq * (c * (double)s[2 * a]), ai = wq * (c * (double)s[2 * a + 1]);
+                b[a] += ar * yr + ai * yi;
+                for (int e = 0; e < WIDTH; ++e) {
+                    g[a * WIDTH + e] += ar * (c * (double)s[2 * e]) + ai * (c * (double)s[2 * e + 1]);
+                }
+            }
+        } else {
+            gather_slices<2>(volumes, index, w8, s);
+            const double ar = wq * (c * (double)s[0]), ai = wq * (c * (double)s[1]);
+            b[0] += ar * yr + ai * yi;
+            g[0] += ar * (c * (double)s[0]) + ai * (c * (double)s[1]);
         }
-        for (int a = 0; a < modes; ++a) {
-            atomicAdd(&row[k++], w * (re * z[a]));
-            atomicAdd(&row[k++], w * (im * z[a]));
+    }
+    double* o = out + (i * segments + segment) * (WIDTH * WIDTH + WIDTH + 1);
+    for (int a = 0; a < WIDTH * WIDTH; ++a) o[a] = g[a];
+    for (int a = 0; a < WIDTH; ++a) o[WIDTH * WIDTH + a] = b[a];
+    o[WIDTH * WIDTH + WIDTH] = yy;
+}
+
+extern "C" __global__ void estep_insert(const long long* order, const double* rotations, const float* y,
+                                        const float* ctf, const float* volumes, const double* kx,
+                                        const double* ky, const double* weight, const int* shell,
+                                        const double* multiplicity, const int box, const int lo, const int hi,
+                                        const double sign, const double* alpha, const double* z, double* power,
+                                        double* sums, const int statistics, const long long particles,
+                                        const int pixels, const int shells, const int segments)
+{
+    // power[i, shell] += multiplicity |y - alpha (s_0 + sum_k z_k s_k)|^2 and, when statistics,
+    // each component pixel's M-step channels inserted into sums (V, CHANNELS): PAIRS of
+    // c^2 W/2 (alpha z_a)(alpha z_b) (a <= b), then c W/2 Re(r) alpha z_a and c W/2 Im(r) alpha z_a
+    // per mode, r = y - alpha s_0
+    const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= particles * segments) return;
+    const long long i = order[t / segments];
+    const int segment = (int)(t % segments);
+    const double* r = rotations + 9 * i;
+    const double scale = alpha[i];
+    double za[MODES], zz[PAIRS], v[CHANNELS];
+    for (int a = 0; a < MODES; ++a) za[a] = scale * z[i * MODES + a];
+    for (int a = 0, k = 0; a < MODES; ++a) {
+        for (int e = a; e < MODES; ++e) zz[k++] = za[a] * za[e];
+    }
+    int index[8];
+    float w8[8], s[COLUMNS];
+    for (int q = segment; q < pixels; q += segments) {
+        neighbours(r, kx[q], ky[q], box, index, w8);
+        const long long p = i * pixels + q;
+        const double c = (double)ctf[p];
+        const double yr = sign * (double)y[2 * p], yi = sign * (double)y[2 * p + 1];
+        const bool inner = q >= lo && q < hi;
+        if (inner) {
+            gather_slices<COLUMNS>(volumes, index, w8, s);
+        } else {
+            gather_slices<2>(volumes, index, w8, s);
+        }
+        const double rr = yr - scale * (c * (double)s[0]), ri = yi - scale * (c * (double)s[1]);
+        double er = rr, ei = ri;
+        if (inner) {
+            for (int a = 0; a < MODES; ++a) {
+                er -= za[a] * (c * (double)s[2 * a + 2]);
+                ei -= za[a] * (c * (double)s[2 * a + 3]);
+            }
+        }
+        atomicAdd(&power[i * shells + shell[q]], multiplicity[q] * (er * er + ei * ei));
+        if (!inner || !statistics) continue;
+        const double cw = c * (weight[q] / 2), gg = c * cw, re = cw * rr, im = cw * ri;
+        for (int k = 0; k < PAIRS; ++k) v[k] = gg * zz[k];
+        for (int a = 0; a < MODES; ++a) {
+            v[PAIRS + 2 * a] = re * za[a];
+            v[PAIRS + 2 * a + 1] = im * za[a];
+        }
+        for (int j = 0; j < 8; ++j) {
+            double* row = sums + (long long)index[j] * CHANNELS;
+            const double w = (double)w8[j];
+            for (int k = 0; k < CHANNELS; ++k) atomicAdd(&row[k], w * v[k]);
         }
     }
 }
+#endif
 """
 THREADS = 256  # per block
 
 
+RESIDENT_THREADS = 2**18  # threads an E-step pass aims to launch (an H100 keeps ~270k resident)
+
+
 @functools.cache
-def _kernel(name: str):
+def _kernel(name: str, modes: int | None = None):
+    """Kernel `name` of `SOURCE`, compiled with `MODES` defined for the E-step passes."""
     import cupy
 
-    return cupy.RawKernel(SOURCE, name)
+    return cupy.RawKernel(SOURCE, name, options=() if modes is None else (f"-DMODES={modes}",))
 
 
-def _run(name: str, threads: int, *args) -> None:
+def _run(name: str, threads: int, *args, modes: int | None = None) -> None:
     """Kernel `name` on `threads` threads in blocks of `THREADS` (nothing when there are none)."""
     if threads:
-        _kernel(name)(((threads + THREADS - 1) // THREADS,), (THREADS,), args)
+        _kernel(name, modes)(((threads + THREADS - 1) // THREADS,), (THREADS,), args)
 
 
 def _launch(name: str, source, index, weights, out, channels: int) -> None:
@@ -183,26 +300,59 @@ def insert_cuda(values, index, weights, out) -> None:
     _launch("insert_float64", values, index, weights, out, values.shape[1])
 
 
-def insert_statistics_cuda(index, weights, ctf, half_weight, residual, za, out) -> None:
-    """`dva.em.estep.add_statistics` on the GPU: each sample's M-step channels made and inserted in
-    one kernel, with no `(m, C)` array of them. `ctf (n, P)` float32, `half_weight (P,)`,
-    `residual (n, P)` complex128, `za (n, K)`, stencil `(n·P, 8)`, `out (V, C)` float64."""
+def segments(particles: int, pixels: int) -> int:
+    """Threads per particle in an E-step pass: enough for `RESIDENT_THREADS` in all, each with at
+    least 16 of the particle's pixels."""
+    return max(1, min(pixels // 16, -(-RESIDENT_THREADS // max(particles, 1))))
+
+
+def _device_scalars(arguments: tuple) -> list:
+    """The E-step kernel arguments as the CUDA kernels take them: complex data as float32 pairs,
+    Python ints as int32, the data sign as float64."""
     import cupy
 
-    n, pixels = ctf.shape
+    converted = []
+    for a in arguments:
+        if isinstance(a, float):
+            converted.append(cupy.float64(a))
+        elif isinstance(a, int):
+            converted.append(cupy.int32(a))
+        else:
+            converted.append(a.view(cupy.float32) if a.dtype == cupy.complex64 else a)
+    return converted
+
+
+def estep_sums_cuda(order, *arguments):
+    """`dva.em.estep.estep_sums` on the GPU (the kernel arguments as there): `(n, segments, W)`
+    float64, each thread's sums over its share of a particle's pixels (no stencil or slices stored)."""
+    import cupy
+
+    n, pixels = arguments[1].shape
+    width = arguments[3].shape[1] // 2
+    parts = segments(len(order), pixels)
+    out = cupy.zeros((n, parts, width * width + width + 1))
+    tail = (out, cupy.int64(len(order)), cupy.int32(pixels), cupy.int32(parts))
+    _run("estep_sums", len(order) * parts, order, *_device_scalars(arguments), *tail, modes=width - 1)
+    return out
+
+
+def estep_insert_cuda(order, *arguments) -> None:
+    """`dva.em.estep.estep_insert` on the GPU, in place with `atomicAdd` (the kernel arguments as
+    there, in order, ending with `z (n, K)`, `power (n, shells)` and `sums`)."""
+    import cupy
+
+    z, power, sums = arguments[-3:]
+    pixels = arguments[1].shape[1]
+    parts = segments(len(order), pixels)
+    tail = (cupy.int32(sums.shape[0] > 0), cupy.int64(len(order)), cupy.int32(pixels), cupy.int32(power.shape[1]))
     _run(
-        "insert_statistics",
-        n * pixels,
-        cupy.ascontiguousarray(index, dtype=cupy.int32),
-        cupy.ascontiguousarray(weights, dtype=cupy.float32),
-        cupy.ascontiguousarray(ctf, dtype=cupy.float32),
-        cupy.ascontiguousarray(half_weight, dtype=cupy.float64),
-        cupy.ascontiguousarray(residual, dtype=cupy.complex128).view(cupy.float64),
-        cupy.ascontiguousarray(za, dtype=cupy.float64),
-        out,
-        cupy.int64(n * pixels),
-        cupy.int32(pixels),
-        cupy.int32(za.shape[1]),
+        "estep_insert",
+        len(order) * parts,
+        order,
+        *_device_scalars(arguments),
+        *tail,
+        cupy.int32(parts),
+        modes=z.shape[1],
     )
 
 
