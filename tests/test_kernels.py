@@ -315,3 +315,27 @@ def test_the_gpu_code_path_equals_the_numpy_path(gpu_path):
     if launched is not None:
         assert launched == ["slice_stencil", "insert_float64"]
     close(got, mean_statistics(chunk, band, "input"), ("num", "den"))
+
+
+def test_the_driver_m_step_on_the_gpu_path_equals_numpy(gpu_path):
+    """`update_components` (per-voxel solves, mask, filter, Gram–Schmidt, subspace angle) on the
+    driver's GPU module against NumPy, from random statistics that make definite systems."""
+    from dva.em.mstep import band_filter
+    from dva.engine.loop import RunParams, update_components
+
+    xp, tolerance, _ = gpu_path
+    rng = np.random.default_rng(11)
+    box, modes = 16, 3
+    factors = rng.normal(size=(box**3, modes, modes + 2))
+    gram = np.einsum("vak,vbk->vab", factors, factors)  # positive definite per voxel
+    upper = np.triu_indices(modes)
+    stats = {"G": gram[:, upper[0], upper[1]], "b": rng.normal(size=(box**3, 2 * modes))}
+    old = rng.normal(size=(modes, box, box, box))
+    mask = (np.linalg.norm(np.indices((box,) * 3) - box // 2, axis=0) < box / 3).astype(np.float64)
+    filt = band_filter(box, 1.0, 4.0, 1.5, None, 8.0)
+    params = RunParams(filter_res_A=4.0, modes=modes)
+    want, want_angle = update_components(stats, old, mask, filt, box, params)
+    got, angle = update_components(stats, old, xp.asarray(mask), xp.asarray(filt), box, params, xp)
+    assert isinstance(got, np.ndarray)
+    np.testing.assert_allclose(got, want, rtol=0, atol=tolerance * np.abs(want).max())
+    assert abs(angle - want_angle) < 1e-6 and 1 < want_angle <= 90

@@ -135,7 +135,7 @@ def _band(box: int, backend: str) -> Band:
     return make_band(box, array_module(backend))
 
 
-def _numpy(value):
+def to_numpy(value):
     """A CuPy array copied to NumPy; anything else as it is."""
     return value.get() if hasattr(value, "get") and not isinstance(value, float) else value
 
@@ -143,7 +143,7 @@ def _numpy(value):
 def _host(d: dict) -> dict:
     """Arrays back to NumPy (partials travel between workers and to the driver), but the
     volume-sized sums: `held` keeps those where they are until the end of the pass."""
-    return {k: v if k in VOLUME_SUMS else _numpy(v) for k, v in d.items()}
+    return {k: v if k in VOLUME_SUMS else to_numpy(v) for k, v in d.items()}
 
 
 def held(function: Callable, key: str, index: int, *args) -> dict:
@@ -173,7 +173,7 @@ def collect_held(key: str) -> dict:
     with _HELD_LOCK:
         _COLLECTED.add(key)
         tasks, sums = _HELD.pop(key, ([], {}))
-    return {"tasks": tasks, **{k: _numpy(v) for k, v in sums.items()}}
+    return {"tasks": tasks, **{k: to_numpy(v) for k, v in sums.items()}}
 
 
 def mean_partial(
