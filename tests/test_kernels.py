@@ -339,3 +339,32 @@ def test_the_driver_m_step_on_the_gpu_path_equals_numpy(gpu_path):
     assert isinstance(got, np.ndarray)
     np.testing.assert_allclose(got, want, rtol=0, atol=tolerance * np.abs(want).max())
     assert abs(angle - want_angle) < 1e-6 and 1 < want_angle <= 90
+
+
+def _nvrtc():
+    """NVRTC, CuPy's CUDA compiler, from the `nvidia-cuda-nvrtc` wheel (no GPU or driver needed)."""
+    import glob
+
+    nvidia = pytest.importorskip("nvidia")
+    found = sorted(f for folder in nvidia.__path__ for f in glob.glob(f"{folder}/cu*/lib/libnvrtc.so.*"))
+    if not found:
+        pytest.skip("no libnvrtc in the nvidia-cuda-nvrtc wheel")
+    return ctypes.CDLL(found[-1])
+
+
+@pytest.mark.parametrize("modes", [None, 1, 3, 10])
+def test_the_cuda_source_compiles_for_the_h100(modes):
+    """`SOURCE` through NVRTC to H100 machine code (sm_90, ptxas run), with the E-step passes at K =
+    1, 3 and 10 (`-DMODES`): the CUDA-only code the g++ stand-in cannot see (intrinsics, `atomicAdd`
+    on doubles, templates, `#pragma unroll`) compiles as CuPy will compile it."""
+    nvrtc = _nvrtc()
+    program = ctypes.c_void_p()
+    assert nvrtc.nvrtcCreateProgram(ctypes.byref(program), SOURCE.encode(), b"dva.cu", 0, None, None) == 0
+    options = [b"-arch=sm_90", *([] if modes is None else [f"-DMODES={modes}".encode()])]
+    status = nvrtc.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options))
+    size = ctypes.c_size_t()
+    nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    nvrtc.nvrtcGetProgramLog(program, log)
+    nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
+    assert status == 0, log.value.decode()

@@ -20,7 +20,9 @@ stencil, and the trilinear gather and insert.
 
 `SOURCE` is plain CUDA C++ with no shared memory or synchronisation, so the test suite also
 compiles it for the CPU (a loop over the grid) and checks it against the NumPy path on machines
-without a GPU. None of it has run on a GPU yet.
+without a GPU, and compiles it with NVRTC for the H100 (sm_90). ptxas there (NVRTC 12.9): the
+E-step passes take 96/56 registers per thread at K = 1 (sums/insert), 128/80 at K = 3 and
+255/255 at K = 10, with no spills. None of it has run on a GPU yet.
 """
 
 from __future__ import annotations
@@ -123,6 +125,8 @@ extern "C" __global__ void insert_float64(const double* values, const int* index
 #define COLUMNS (2 * WIDTH)
 #define PAIRS (MODES * (MODES + 1) / 2)
 #define CHANNELS (PAIRS + 2 * MODES)
+#define TRIANGLE (WIDTH * (WIDTH + 1) / 2)
+#define UPPER(a, e) ((a) * WIDTH - (a) * ((a) - 1) / 2 + (e) - (a))  // (a, e), a <= e, in the triangle
 
 template <int N>
 __device__ void gather_slices(const float* volumes, const int* index, const float* weights, float* s)
@@ -150,8 +154,8 @@ extern "C" __global__ void estep_sums(const long long* order, const double* rota
     const long long i = order[t / segments];
     const int segment = (int)(t % segments);
     const double* r = rotations + 9 * i;
-    double g[WIDTH * WIDTH], b[WIDTH], yy = 0.0;
-    for (int a = 0; a < WIDTH * WIDTH; ++a) g[a] = 0.0;
+    double g[TRIANGLE], b[WIDTH], yy = 0.0;  // g: the upper triangle of the symmetric sums, row by row
+    for (int a = 0; a < TRIANGLE; ++a) g[a] = 0.0;
     for (int a = 0; a < WIDTH; ++a) b[a] = 0.0;
     int index[8];
     float w8[8], s[COLUMNS];
@@ -163,11 +167,13 @@ extern "C" __global__ void estep_sums(const long long* order, const double* rota
         yy += wq * (yr * yr + yi * yi);
         if (q >= lo && q < hi) {
             gather_slices<COLUMNS>(volumes, index, w8, s);
+#pragma unroll
             for (int a = 0; a < WIDTH; ++a) {
                 const double ar = wq * (c * (double)s[2 * a]), ai = wq * (c * (double)s[2 * a + 1]);
                 b[a] += ar * yr + ai * yi;
-                for (int e = 0; e < WIDTH; ++e) {
-                    g[a * WIDTH + e] += ar * (c * (double)s[2 * e]) + ai * (c * (double)s[2 * e + 1]);
+#pragma unroll
+                for (int e = a; e < WIDTH; ++e) {
+                    g[UPPER(a, e)] += ar * (c * (double)s[2 * e]) + ai * (c * (double)s[2 * e + 1]);
                 }
             }
         } else {
@@ -178,7 +184,11 @@ extern "C" __global__ void estep_sums(const long long* order, const double* rota
         }
     }
     double* o = out + (i * segments + segment) * (WIDTH * WIDTH + WIDTH + 1);
-    for (int a = 0; a < WIDTH * WIDTH; ++a) o[a] = g[a];
+#pragma unroll
+    for (int a = 0; a < WIDTH; ++a) {
+#pragma unroll
+        for (int e = a; e < WIDTH; ++e) o[a * WIDTH + e] = o[e * WIDTH + a] = g[UPPER(a, e)];
+    }
     for (int a = 0; a < WIDTH; ++a) o[WIDTH * WIDTH + a] = b[a];
     o[WIDTH * WIDTH + WIDTH] = yy;
 }
