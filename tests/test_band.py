@@ -16,7 +16,7 @@ from dva.em.model import Model, fourier_stack
 from dva.em.mstep import band_filter, random_components, regularize, solve_components
 from dva.ops.filters import to_fourier
 from dva.ops.rotation import random_rotations
-from dva.ops.slice import gather
+from dva.ops.slice import gather, gridding_correction
 from tests.stencil import slice_coordinates, trilinear_stencil
 
 
@@ -52,9 +52,11 @@ def _pass_inputs(box: int, filt, rng):
     comps = random_components(k, mask, filt, rng)
     mean = rng.normal(size=(box,) * 3) * mask
     volumes = fourier_stack(mean, comps)
+    # the data from the full spectra on the full grid (the model holds their halves)
+    full = np.stack([to_fourier(v / gridding_correction(box)).ravel() for v in (mean, *comps)], -1)
     rotation = random_rotations(n, rng)
     index, weights = trilinear_stencil(slice_coordinates(rotation, band.kx, band.ky, box), box)
-    s = gather(volumes, index, weights).reshape(n, -1, k + 1)
+    s = gather(full.astype(np.complex64), index, weights).reshape(n, -1, k + 1)
     ctf = np.exp(-band.radius / box)[None, :] * np.ones((n, 1))  # an envelope without zeros
     z = rng.normal(size=(n, k)) * [3.0, 2.0, 1.0]
     clean = s[..., 0] + np.einsum("npk,nk->np", s[..., 1:], z)

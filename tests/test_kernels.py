@@ -18,7 +18,8 @@ from dva.em.estep import em_statistics
 from dva.ops import kernels as kernels_module
 from dva.ops.kernels import SOURCE, THREADS
 from dva.ops.rotation import random_rotations
-from tests.stencil import slice_coordinates, trilinear_stencil
+from dva.ops.slice import mirror
+from tests.stencil import half_slice_stencil, slice_coordinates, trilinear_stencil
 
 CUDA_ON_CPU = r"""
 #include <cmath>
@@ -40,8 +41,8 @@ LAUNCHERS = r"""
 RUN(gather_float32, float, float)
 RUN(gather_float64, double, double)
 RUN(insert_float64, double, double)
-extern "C" void run_slice_stencil(const double* r, const double* kx, const double* ky, int* i, float* w,
-    long long points, int pixels, int box) { GRID(points, slice_stencil(r, kx, ky, i, w, points, pixels, box)) }
+extern "C" void run_slice_stencil(const double* r, const double* kx, const double* ky, int* i, float* w, float* s,
+    long long points, int pixels, int box) { GRID(points, slice_stencil(r, kx, ky, i, w, s, points, pixels, box)) }
 #ifdef MODES
 extern "C" void run_estep_sums(const long long* o, const double* r, const float* y, const float* c, const float* v,
     const double* kx, const double* ky, const double* w, int box, int lo, int hi, double sign, double* out,
@@ -164,7 +165,8 @@ def test_insert_kernel_equals_direct_sums(numpy_as_cupy):
 
 
 def _random_chunk(rng, n: int, pixels: int, box: int, modes: int):
-    """A chunk of n particles of random data, CTFs, poses and scales, and random volumes `(D³, K+1)`."""
+    """A chunk of n particles of random data, CTFs, poses and scales, and random half spectra
+    `(half_rows, K+1)`."""
     from dva.em.chunk import Chunk
 
     chunk = Chunk(
@@ -173,19 +175,22 @@ def _random_chunk(rng, n: int, pixels: int, box: int, modes: int):
         rotation=random_rotations(n, rng),
         scale=rng.uniform(0.5, 2, n),
     )
-    volumes = rng.normal(size=(box**3, modes + 1)) + 1j * rng.normal(size=(box**3, modes + 1))
+    rows = box * box * (box // 2)
+    volumes = rng.normal(size=(rows, modes + 1)) + 1j * rng.normal(size=(rows, modes + 1))
     return chunk, volumes.astype(np.complex64)
 
 
-def _passes_by_direct_sums(chunk, model, band, alpha, z, start):
-    """Both E-step passes written out in complex128 from the array stencil (`tests.stencil`):
-    every slice made, the components zeroed outside their pixel range, sums by einsum, the
-    residual power and the M-step channels inserted neighbour by neighbour with `np.add.at`."""
+def _passes_by_direct_sums(chunk, model, full, band, alpha, z):
+    """Both E-step passes written out in complex128 on the full grid, with the full spectra `full
+    (D³, K+1)` of which the model holds the half: every slice made from the full-grid stencil
+    (`tests.stencil`, no mirroring), the components zeroed outside their pixel range, sums by
+    einsum, the residual power, and the M-step channels inserted neighbour by neighbour with
+    `np.add.at`, then each sample's mirrored conjugate added (`x + sign·mirror(x)`): `(C, D³)`."""
     box, (n, pixels) = band.box, chunk.y.shape
     lo, hi = model.pixels
     index, weights = trilinear_stencil(slice_coordinates(chunk.rotation, band.kx, band.ky, box), box)
     w = weights.astype(np.float64)
-    s = np.einsum("mj,mjc->mc", w, model.volumes.astype(np.complex128)[index]).reshape(n, pixels, -1)
+    s = np.einsum("mj,mjc->mc", w, full.astype(np.complex128)[index]).reshape(n, pixels, -1)
     s *= chunk.ctf[..., None]
     inner = np.zeros(pixels, bool)
     inner[lo:hi] = True
@@ -205,53 +210,67 @@ def _passes_by_direct_sums(chunk, model, band, alpha, z, start):
     channels = [c * cw * za[:, a, None] * za[:, b, None] for a in range(modes) for b in range(a, modes)]
     for a in range(modes):
         channels += [cw * r.real * za[:, a, None], cw * r.imag * za[:, a, None]]
-    sums = start.copy()
+    sums = np.zeros((len(channels), box**3))
     for j in range(8):
         for k, channel in enumerate(channels):
-            np.add.at(sums[:, k], index[:, j], w[:, j] * channel.ravel())
-    return gram, proj, data, power, sums
+            np.add.at(sums[k], index[:, j], w[:, j] * channel.ravel())
+    signs = _channel_signs(modes)
+    grids = sums.reshape(-1, box, box, box)
+    return gram, proj, data, power, (grids + signs[:, None, None, None] * mirror(grids)).reshape(len(sums), -1)
+
+
+def _channel_signs(modes: int) -> np.ndarray:
+    """+1 for the real channels of the M-step sums (G, Re b), −1 for the imaginary ones (Im b)."""
+    return np.array([1.0] * (modes * (modes + 1) // 2) + [1.0, -1.0] * modes)
 
 
 @pytest.mark.parametrize("modes", [1, 3])
 @pytest.mark.parametrize("kernel", ["cpu", "cuda on the stand-in"])
 def test_estep_passes_equal_direct_sums(request, kernel, modes):
     """The fused E-step passes of both backends (numba; CUDA through the stand-in, several threads
-    per particle) against every slice, sum and insertion written out in complex128: components
-    over part of the band, the data sign flipped, particles in the view order."""
+    per particle), on the half spectra, against every slice, sum and insertion written out in
+    complex128 on the full grid: components over part of the band, the data sign flipped,
+    particles in the view order; the half sums, added to what the accumulator held and unfolded,
+    equal the full grid's."""
     from dva.em.chunk import make_band
     from dva.em.estep import _kernel_arguments, estep_insert, estep_sums
     from dva.em.model import Model
-    from dva.ops.slice import view_order
+    from dva.ops.filters import to_fourier
+    from dva.ops.slice import half_rows, unfold, view_order
 
     rng = np.random.default_rng(6)
     box, n = 12, 7
     band = make_band(box)
     pixels = len(band.flat)
-    chunk, volumes = _random_chunk(rng, n, pixels, box, modes)
-    model = Model(
-        volumes.astype(np.complex64), rng.uniform(0.5, 2, box // 2), 0.01, "optimal", -1.0, None, (4, pixels - 9)
-    )
+    chunk, _ = _random_chunk(rng, n, pixels, box, modes)
+    spectra = [to_fourier(v) for v in rng.normal(size=(modes + 1, box, box, box))]  # of real volumes
+    full = np.stack([f.ravel() for f in spectra], -1).astype(np.complex64)
+    half = np.stack([f[..., box // 2 :].ravel() for f in spectra], -1).astype(np.complex64)
+    model = Model(half, rng.uniform(0.5, 2, box // 2), 0.01, "optimal", -1.0, None, (4, pixels - 9))
     alpha, z = rng.uniform(0.5, 2, n), rng.normal(size=(n, modes))
-    start = rng.normal(size=(box**3, modes * (modes + 1) // 2 + 2 * modes))
-    gram, proj, data, power, sums = _passes_by_direct_sums(chunk, model, band, alpha, z, start)
+    gram, proj, data, power, sums = _passes_by_direct_sums(chunk, model, full, band, alpha, z)
 
     xp = np if kernel == "cpu" else request.getfixturevalue("numpy_as_cupy")
     order = np.ascontiguousarray(view_order(chunk.rotation, 3), dtype=np.int64)
     shared = _kernel_arguments(chunk, model, band, xp)
     got = estep_sums(order, shared, xp)
+    start = rng.normal(size=(half_rows(box), len(sums)))
     out = start.copy()
     got_power = estep_insert(order, shared, band, alpha, z, out, xp)
+    unfolded = np.concatenate(
+        [unfold((out - start)[:, k][None], box, sign) for k, sign in enumerate(_channel_signs(modes))]
+    )
     names = ("gram", "proj", "data", "power", "sums")
-    for name, value, want in zip(names, (*got, got_power, out), (gram, proj, data, power, sums), strict=True):
+    for name, value, want in zip(names, (*got, got_power, unfolded), (gram, proj, data, power, sums), strict=True):
         # float32 volumes and gathers: the sums agree to float32 rounding
         np.testing.assert_allclose(value, want, rtol=0, atol=2e-6 * np.abs(want).max(), err_msg=name)
 
 
 @pytest.mark.parametrize("kernel", ["cpu", "cuda on the stand-in"])
 def test_slice_stencil_kernels_equal_the_array_stencil_exactly(request, kernel):
-    """Both compiled stencils round each step as the vectorised array code does: the same indices
-    and weights, bit for bit, for random poses over the whole band, grid edges included
-    (frequencies at the band's rim)."""
+    """Both compiled stencils round each step as the vectorised array code does: the same indices,
+    weights and signs in the half spectra, bit for bit, for random poses over the whole band, grid
+    edges included (frequencies at the band's rim)."""
     from dva.em.chunk import make_band
     from dva.ops.slice import slice_stencil
 
@@ -259,10 +278,10 @@ def test_slice_stencil_kernels_equal_the_array_stencil_exactly(request, kernel):
     band = make_band(24)
     poses = random_rotations(40, rng)
     xp = np if kernel == "cpu" else request.getfixturevalue("numpy_as_cupy")
-    index, weights = slice_stencil(poses, band.kx, band.ky, 24, xp)
-    expected_index, expected_weights = trilinear_stencil(slice_coordinates(poses, band.kx, band.ky, 24), 24)
-    np.testing.assert_array_equal(index, expected_index)
-    np.testing.assert_array_equal(weights, expected_weights)
+    got = slice_stencil(poses, band.kx, band.ky, 24, xp)
+    for value, expected in zip(got, half_slice_stencil(poses, band.kx, band.ky, 24), strict=True):
+        np.testing.assert_array_equal(value, expected)
+    assert (got[2] < 0).mean() > 0.3  # about half the samples are taken at their mirror
 
 
 @pytest.fixture(params=["numpy stand-in", pytest.param("cupy", marks=pytest.mark.gpu)])
@@ -326,10 +345,11 @@ def test_the_driver_m_step_on_the_gpu_path_equals_numpy(gpu_path):
     xp, tolerance, _ = gpu_path
     rng = np.random.default_rng(11)
     box, modes = 16, 3
-    factors = rng.normal(size=(box**3, modes, modes + 2))
+    rows = box * box * (box // 2)  # sums on the half spectra
+    factors = rng.normal(size=(rows, modes, modes + 2))
     gram = np.einsum("vak,vbk->vab", factors, factors)  # positive definite per voxel
     upper = np.triu_indices(modes)
-    stats = {"G": gram[:, upper[0], upper[1]], "b": rng.normal(size=(box**3, 2 * modes))}
+    stats = {"G": gram[:, upper[0], upper[1]], "b": rng.normal(size=(rows, 2 * modes))}
     old = rng.normal(size=(modes, box, box, box))
     mask = (np.linalg.norm(np.indices((box,) * 3) - box // 2, axis=0) < box / 3).astype(np.float64)
     filt = band_filter(box, 1.0, 4.0, 1.5, None, 8.0)

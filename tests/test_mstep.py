@@ -10,7 +10,7 @@ from dva.em.finish import subspace_angle_deg
 from dva.em.mean import shell_mean
 from dva.em.mstep import solve_components, solve_spd
 from dva.ops.filters import filter_real, radius_3d, to_fourier, to_real
-from dva.ops.slice import gridding_correction, symmetrize
+from dva.ops.slice import gridding_correction, half_rows, unfold
 from tests.conftest import to_host
 
 
@@ -65,18 +65,18 @@ def test_solve_components_equals_a_per_voxel_solve():
     rng = np.random.default_rng(5)
     box, k, lam = 10, 3, 0.05
     pairs = pair_index(k)
-    z = rng.normal(size=(box**3, k, 4))
+    z = rng.normal(size=(half_rows(box), k, 4))
     full = z @ z.transpose(0, 2, 1)  # PSD per voxel
-    stats = {
-        "G": np.stack([full[:, a, b] for a, b in pairs], -1) / 2,  # half-plane sums: symmetrize doubles
-        "b": rng.normal(size=(box**3, 2 * k)),
+    stats = {  # sums on the half spectra
+        "G": np.stack([full[:, a, b] for a, b in pairs], -1),
+        "b": rng.normal(size=(half_rows(box), 2 * k)),
     }
     got = solve_components(stats, box, k, lam)
-    g = symmetrize(stats["G"].T, box, 1.0)
+    g = unfold(stats["G"].T, box, 1.0)
     matrices = np.zeros((box**3, k, k))
     for c, (a, b) in enumerate(pairs):
         matrices[:, a, b] = matrices[:, b, a] = g[c]
-    rhs = symmetrize(stats["b"][:, 0::2].T, box, 1.0) + 1j * symmetrize(stats["b"][:, 1::2].T, box, -1.0)
+    rhs = unfold(stats["b"][:, 0::2].T, box, 1.0) + 1j * unfold(stats["b"][:, 1::2].T, box, -1.0)
     scale = shell_mean(np.trace(matrices, axis1=1, axis2=2) / k, box)
     inside = radius_3d(box).ravel() * box <= box // 2 - 1
     spectrum = np.zeros((k, box**3), complex)

@@ -9,8 +9,10 @@ from dva.ops.rotation import random_rotations
 from dva.ops.slice import (
     gather,
     gridding_correction,
+    half_rows,
     insert,
-    symmetrize,
+    slice_stencil,
+    unfold,
     view_order,
 )
 from tests.conftest import to_host
@@ -77,7 +79,8 @@ def test_kernels_refuse_an_accumulator_or_stencil_they_cannot_use():
 
 
 def test_half_plane_insertion_with_mates_equals_full_plane(xp):
-    """Half-plane samples inserted once, then `symmetrize`d, equal inserting the full plane."""
+    """Half-plane samples inserted once into the half spectra (each at its point or, conjugated, at
+    its mirror: `slice_stencil`), then `unfold`ed, equal the full plane inserted on the full grid."""
     rng = np.random.default_rng(3)
     box = 16
     image = rng.normal(size=(box, box))
@@ -89,14 +92,13 @@ def test_half_plane_insertion_with_mates_equals_full_plane(xp):
     reference = insert(values, idx, w, xp.zeros((box**3, 2)), xp).T
     band = make_band(box, xp)
     half = xp.asarray(np.fft.rfft2(image).ravel())[band.flat] * (band.multiplicity / 2)
-    idx, w = trilinear_stencil(slice_coordinates(rot, band.kx, band.ky, box, xp), box, xp)
-    parts = insert(xp.stack([half.real, half.imag], -1), idx, w, xp.zeros((box**3, 2)), xp).T
+    idx, w, mate = slice_stencil(rot, band.kx, band.ky, box, xp)
+    assert 0 < float((mate < 0).mean()) < 1  # some samples at their point, some at their mirror
+    parts = insert(xp.stack([half.real, half.imag * mate], -1), idx, w, xp.zeros((half_rows(box), 2)), xp).T
     np.testing.assert_allclose(
-        to_host(symmetrize(parts[:1], box, 1.0, xp)), to_host(reference[:1]), rtol=1e-5, atol=1e-5
+        to_host(unfold(parts[:1], box, 1.0, xp)), to_host(reference[:1]), rtol=1e-5, atol=1e-5
     )  # float32 weights
-    np.testing.assert_allclose(
-        to_host(symmetrize(parts[1:], box, -1.0, xp)), to_host(reference[1:]), rtol=1e-5, atol=1e-5
-    )
+    np.testing.assert_allclose(to_host(unfold(parts[1:], box, -1.0, xp)), to_host(reference[1:]), rtol=1e-5, atol=1e-5)
 
 
 def test_fourier_slice_matches_real_space_projection():

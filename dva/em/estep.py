@@ -16,7 +16,7 @@ import numpy as np
 
 from dva.em.chunk import Band, Chunk
 from dva.em.model import Model
-from dva.ops.slice import view_order
+from dva.ops.slice import half_rows, view_order
 
 ORDER_RUN = 128  # particles per run of nearby slice planes in `view_order` (CPU caches; 32 and 16 were no faster)
 ALPHA_RANGE = (0.1, 10.0)  # optimal per-particle scales are clipped to this range
@@ -32,8 +32,10 @@ def _kernel_arguments(chunk: Chunk, model: Model, band: Band, xp: ModuleType) ->
     side), frequencies, noise weights W `(P,)` (both halves counted), box, the components' pixel
     range and the data sign."""
     box = band.box
-    if model.volumes.shape[0] != box**3:
-        raise ValueError(f"volumes have {model.volumes.shape[0]} voxels, not the {box**3} of box {box}")
+    if model.volumes.shape[0] != half_rows(box):
+        raise ValueError(
+            f"volumes have {model.volumes.shape[0]} rows, not the {half_rows(box)} of box {box}'s half spectra"
+        )
     lo, hi = model.pixels or (0, len(band.flat))
     volumes = xp.ascontiguousarray(model.volumes, dtype=xp.complex64)
     return (
@@ -76,7 +78,7 @@ def estep_insert(order, shared: tuple, band: Band, alpha, z, sums, xp: ModuleTyp
     `sums (D³, C)` float64 has rows, the M-step channels of each component pixel inserted into it:
     K(K+1)/2 of `c²·W/2·α²z_a z_b` (a ≤ b, `pair_index`), then `c·W/2·Re(r)·αz_a` and
     `c·W/2·Im(r)·αz_a` per mode a, with r = y − α s_0 (W/2: each sample stands for itself and its
-    mate, `symmetrize`)."""
+    mate, `unfold`)."""
     n = len(alpha)
     power = xp.zeros((n, band.shells))
     arguments = (
@@ -149,7 +151,7 @@ def em_statistics(
     bvec = proj[:, 1:] - alpha[:, None] * gram[:, 1:, 0]  # Re(S_iᴴ W r_i), r_i = y_i − α_i s_i0
     inverse = xp.linalg.inv(g + ridge)
     z = xp.einsum("nkl,nl->nk", inverse, bvec) / alpha[:, None]
-    sums = xp.zeros((band.box**3 if statistics else 0, len(pairs) + 2 * k))
+    sums = xp.zeros((half_rows(band.box) if statistics else 0, len(pairs) + 2 * k))
     power = estep_insert(order, shared, band, alpha, z, sums, xp).sum(0)
     out = {
         "particles": n,

@@ -12,7 +12,7 @@ import numpy as np
 
 from dva.em.chunk import Band, Chunk, inside_band_3d
 from dva.ops.filters import radius_3d, to_real
-from dva.ops.slice import gridding_correction, insert, slice_stencil, symmetrize, view_order
+from dva.ops.slice import gridding_correction, half_rows, insert, slice_stencil, unfold, view_order
 
 MEAN_TAU = 1e-3  # τ as a fraction of the shell's mean denominator
 BATCH = 128  # particles per vectorised step on CPU workers (their cache)
@@ -27,15 +27,16 @@ def batch_size(pixels: int, xp: ModuleType = np) -> int:
 
 
 def mean_statistics(chunk: Chunk, band: Band, scale: str, xp: ModuleType = np, weights=None) -> dict:
-    """Partial sums of one chunk: numerator `(G, 2, D³)` (re, im), denominator `(G, D³)`, power per shell.
+    """Partial sums of one chunk on the half spectra (`dva.ops.slice`): numerator `(G, 2, half_rows)`
+    (re, im), denominator `(G, half_rows)`, power per shell.
 
     `weights (n, G)` reconstructs G particle subsets at once (group g sums `w_ig ·` each particle's
     terms); None is one group with weight 1, the mean.
     """
     box = band.box
     groups = 1 if weights is None else weights.shape[1]
-    half = band.multiplicity / 2  # each sample stands for itself and its mate (see `symmetrize`)
-    sums = xp.zeros((box**3, 3 * groups))  # voxel-major: (re, im, den) of each group side by side
+    half = band.multiplicity / 2  # each sample stands for itself and its mate (see `unfold`)
+    sums = xp.zeros((half_rows(box), 3 * groups))  # voxel-major: (re, im, den) of each group side by side
     weights = None if weights is None else xp.asarray(weights)
     batch = batch_size(len(band.flat), xp)
     order = view_order(chunk.rotation, batch, xp)  # batches of nearby slice planes (cache locality)
@@ -43,13 +44,14 @@ def mean_statistics(chunk: Chunk, band: Band, scale: str, xp: ModuleType = np, w
         sl = order[lo : lo + batch]
         alpha = chunk.scale[sl] if scale == "input" else xp.ones(len(sl))
         w = xp.ones((len(alpha), 1)) if weights is None else weights[sl]
-        index, weights_3d = slice_stencil(chunk.rotation[sl], band.kx, band.ky, box, xp)
+        index, weights_3d, mate = slice_stencil(chunk.rotation[sl], band.kx, band.ky, box, xp)
         num = (alpha[:, None] * chunk.ctf[sl] * half) * chunk.y[sl]
         den = (alpha[:, None] * chunk.ctf[sl]) ** 2 * half
+        imaginary = num.imag * mate.reshape(num.shape)  # conjugate where taken at the mirror
         values = []
         for g in range(groups):
             wg = w[:, g, None]
-            values += [(wg * num.real).ravel(), (wg * num.imag).ravel(), (wg * den).ravel()]
+            values += [(wg * num.real).ravel(), (wg * imaginary).ravel(), (wg * den).ravel()]
         insert(xp.stack(values, -1), index, weights_3d, sums, xp)
     power = xp.bincount(
         xp.broadcast_to(band.shell, chunk.y.shape).ravel(),
@@ -57,7 +59,7 @@ def mean_statistics(chunk: Chunk, band: Band, scale: str, xp: ModuleType = np, w
         minlength=band.shells,
     )
     count = band.shell_counts(len(chunk.y), xp)
-    sums = sums.T.reshape(groups, 3, box**3)
+    sums = sums.T.reshape(groups, 3, half_rows(box))
     return {"num": sums[:, :2], "den": sums[:, 2], "power": power, "count": count}
 
 
@@ -76,9 +78,9 @@ def shell_mean(values, box: int, xp: ModuleType = np):
 
 def solve_mean(num, den, box: int, xp: ModuleType = np) -> np.ndarray:
     """A volume `(D, D, D)` float32 (real space, map units, gridding-corrected) from one group's summed
-    numerator `(2, D³)` and denominator `(D³,)`."""
-    num = symmetrize(num[0], box, 1.0, xp) + 1j * symmetrize(num[1], box, -1.0, xp)
-    den = symmetrize(den, box, 1.0, xp)
+    numerator `(2, half_rows)` and denominator `(half_rows,)`."""
+    num = unfold(num[0][None], box, 1.0, xp)[0] + 1j * unfold(num[1][None], box, -1.0, xp)[0]
+    den = unfold(den[None], box, 1.0, xp)[0]
     tau = MEAN_TAU * shell_mean(den, box, xp) + 1e-30
     inside = inside_band_3d(box, xp)
     spectrum = xp.where(inside, num / (den + tau), 0).reshape(box, box, box)

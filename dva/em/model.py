@@ -15,7 +15,7 @@ from dva.ops.slice import gridding_correction
 class Model:
     """Broadcast once per iteration.
 
-    `volumes`: `(D³, K+1)` complex64, the centred Fourier layout of V_0 … V_K flattened;
+    `volumes`: `(half_rows, K+1)` complex64, the half spectra of V_0 … V_K (`dva.ops.slice`);
     `noise_inverse`: `(shells,)` 1/σ² per shell; `eps`: E-step regulariser; `scale`:
     `optimal`, `input` or `none`; `data_sign`: ±1 applied to the stored images (−1 when the
     run found them black on white); `scale_prior`: mean and variance of the true optimal scales
@@ -38,11 +38,15 @@ class Model:
 
 
 def fourier_stack(mean: np.ndarray, components: np.ndarray, xp: ModuleType = np) -> np.ndarray:
-    """`(D³, K+1)` complex64 from a real mean `(D, D, D)` and components `(K, D, D, D)`, divided by the
-    gridding correction first so that trilinear slices of them match the volumes' projections."""
-    correction = gridding_correction(mean.shape[0], xp)
+    """`(half_rows, K+1)` complex64, the half spectra (`dva.ops.slice`) of a real mean `(D, D, D)` and
+    components `(K, D, D, D)`, divided by the gridding correction first so that trilinear slices of
+    them match the volumes' projections."""
+    box = mean.shape[0]
+    correction = gridding_correction(box, xp)
     vols = [mean, *components]
-    return xp.stack([to_fourier(xp.asarray(v) / correction, xp).ravel() for v in vols], -1).astype(xp.complex64)
+    return xp.stack([to_fourier(xp.asarray(v) / correction, xp)[..., box // 2 :].ravel() for v in vols], -1).astype(
+        xp.complex64
+    )
 
 
 def scale_prior(moments, n: int) -> tuple[float, float]:

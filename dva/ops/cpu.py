@@ -44,42 +44,41 @@ def _stack(typingctx, size, dtype):
 
 @numba.njit(**JIT)
 def _neighbours(r, kxq, kyq, box, index, weights):
-    # The 8 trilinear neighbours of frequency (kxq, kyq) cycles/pixel under pose r (3, 3): flat
-    # indices and float32 weights, j = 4 dz + 2 dy + dx. Each product and sum rounded on its own, as
-    # the vectorised array stencil and the CUDA kernel round them (no fused multiply-add without
-    # fastmath): their result, bit for bit
-    edge = (box - 1) - 1e-6
-    first = 0
-    fx = fy = fz = np.float32(0)
-    for a in range(3):
-        v = (kxq * r[0, a] + kyq * r[1, a]) * box + box // 2
-        v = min(max(v, 0.0), edge)
-        base = np.floor(v)
-        if a == 0:
-            first += np.int64(base)
-            fx = np.float32(v - base)
-        elif a == 1:
-            first += np.int64(base) * box
-            fy = np.float32(v - base)
-        else:
-            first += np.int64(base) * box * box
-            fz = np.float32(v - base)
+    # The 8 trilinear neighbours in the half spectra (`dva.ops.slice.slice_stencil`) of frequency
+    # (kxq, kyq) cycles/pixel under pose r (3, 3): flat indices and float32 weights, j = 4 dz +
+    # 2 dy + dx; returns the sign (-1: taken at the mirror point, conjugate). Each product and sum
+    # rounded on its own, as the array reference and the CUDA kernel round them (no fused
+    # multiply-add without fastmath): their result, bit for bit
+    half = box // 2
+    ux = (kxq * r[0, 0] + kyq * r[1, 0]) * box
+    uy = (kxq * r[0, 1] + kyq * r[1, 1]) * box
+    uz = (kxq * r[0, 2] + kyq * r[1, 2]) * box
+    sign = np.float32(1)
+    if ux < 0:
+        ux, uy, uz, sign = -ux, -uy, -uz, np.float32(-1)
+    vx = min(max(ux, 0.0), (half - 1) - 1e-6)
+    vy = min(max(uy + half, 0.0), (box - 1) - 1e-6)
+    vz = min(max(uz + half, 0.0), (box - 1) - 1e-6)
+    bx, by, bz = np.floor(vx), np.floor(vy), np.floor(vz)
+    fx, fy, fz = np.float32(vx - bx), np.float32(vy - by), np.float32(vz - bz)
+    first = (np.int64(bz) * box + np.int64(by)) * half + np.int64(bx)
     for dz in range(2):
         wz = fz if dz else np.float32(1) - fz
         for dy in range(2):
             wzy = wz * (fy if dy else np.float32(1) - fy)
             for dx in range(2):
                 j = 4 * dz + 2 * dy + dx
-                index[j] = first + (dz * box + dy) * box + dx
+                index[j] = first + (dz * box + dy) * half + dx
                 weights[j] = wzy * (fx if dx else np.float32(1) - fx)
+    return sign
 
 
 @numba.njit(**JIT)
-def _slice_stencil(rotations, kx, ky, box, index, weights):
+def _slice_stencil(rotations, kx, ky, box, index, weights, sign):
     for i in range(rotations.shape[0]):
         for q in range(kx.shape[0]):
             p = i * kx.shape[0] + q
-            _neighbours(rotations[i], kx[q], ky[q], box, index[p], weights[p])
+            sign[p] = _neighbours(rotations[i], kx[q], ky[q], box, index[p], weights[p])
 
 
 @functools.cache
@@ -131,7 +130,7 @@ def _estep_sums(modes: int):
             b[:] = 0.0
             yy = 0.0
             for q in range(kx.shape[0]):
-                _neighbours(r, kx[q], ky[q], box, index, w8)
+                mate = _neighbours(r, kx[q], ky[q], box, index, w8)
                 c, wq = np.float64(ctf[i, q]), weight[q]
                 yr, yi = sign * np.float64(y[i, q].real), sign * np.float64(y[i, q].imag)
                 yy += wq * (yr * yr + yi * yi)
@@ -140,8 +139,9 @@ def _estep_sums(modes: int):
                     for j in range(8):
                         for ch in range(columns):
                             s[ch] += w8[j] * volumes[index[j], ch]
-                    for ch in range(columns):
-                        d[ch] = c * s[ch]
+                    for a in range(width):
+                        d[2 * a] = c * s[2 * a]
+                        d[2 * a + 1] = c * (mate * s[2 * a + 1])  # conjugate at the mirror
                     for a in range(width):  # the whole square: unrolled, 2x the triangle's speed
                         ar, ai = wq * d[2 * a], wq * d[2 * a + 1]
                         b[a] += ar * yr + ai * yi
@@ -152,6 +152,7 @@ def _estep_sums(modes: int):
                     for j in range(8):
                         sr += w8[j] * volumes[index[j], 0]
                         si += w8[j] * volumes[index[j], 1]
+                    si *= mate
                     ar, ai = wq * (c * sr), wq * (c * si)
                     b[0] += ar * yr + ai * yi
                     g[0, 0] += ar * (c * sr) + ai * (c * si)
@@ -194,7 +195,7 @@ def _estep_insert(modes: int):
                     zz[k] = za[a] * za[e]
                     k += 1
             for q in range(kx.shape[0]):
-                _neighbours(r, kx[q], ky[q], box, index, w8)
+                mate = _neighbours(r, kx[q], ky[q], box, index, w8)
                 c = np.float64(ctf[i, q])
                 yr, yi = sign * np.float64(y[i, q].real), sign * np.float64(y[i, q].imag)
                 if lo <= q < hi:
@@ -202,6 +203,8 @@ def _estep_insert(modes: int):
                     for j in range(8):
                         for ch in range(columns):
                             s[ch] += w8[j] * volumes[index[j], ch]
+                    for a in range(width):
+                        s[2 * a + 1] *= mate
                     rr, ri = yr - alpha[i] * (c * s[0]), yi - alpha[i] * (c * s[1])
                     er, ei = rr, ri
                     for a in range(modes):
@@ -210,7 +213,7 @@ def _estep_insert(modes: int):
                     power[i, shell[q]] += multiplicity[q] * (er * er + ei * ei)
                     if statistics:
                         cw = c * (weight[q] / 2)
-                        gg, re, im = c * cw, cw * rr, cw * ri
+                        gg, re, im = c * cw, cw * rr, cw * (mate * ri)  # conjugate at the mirror
                         for k in range(pairs):
                             v[k] = gg * zz[k]
                         for a in range(modes):
@@ -225,7 +228,7 @@ def _estep_insert(modes: int):
                     for j in range(8):
                         sr += w8[j] * volumes[index[j], 0]
                         si += w8[j] * volumes[index[j], 1]
-                    rr, ri = yr - alpha[i] * (c * sr), yi - alpha[i] * (c * si)
+                    rr, ri = yr - alpha[i] * (c * sr), yi - alpha[i] * (c * (mate * si))
                     power[i, shell[q]] += multiplicity[q] * (rr * rr + ri * ri)
 
     return estep_insert
@@ -238,10 +241,11 @@ def _check(index, voxels: int) -> None:
 
 
 def slice_stencil_cpu(rotations, kx, ky, box: int):
-    """`dva.ops.slice.slice_stencil` on a CPU: indices `(n·P, 8)` int32 and weights float32 of n poses
-    `(n, 3, 3)` at frequencies `(P,)` (cycles/pixel), with no `(3, n·P)` coordinate arrays."""
+    """`dva.ops.slice.slice_stencil` on a CPU: indices `(n·P, 8)` int32, weights float32 and signs
+    `(n·P,)` float32 of n poses `(n, 3, 3)` at frequencies `(P,)` (cycles/pixel)."""
     n, pixels = len(rotations), len(kx)
     index, weights = np.empty((n * pixels, 8), np.int32), np.empty((n * pixels, 8), np.float32)
+    sign = np.empty(n * pixels, np.float32)
     _slice_stencil(
         np.ascontiguousarray(rotations, dtype=np.float64),
         np.ascontiguousarray(kx, dtype=np.float64),
@@ -249,8 +253,9 @@ def slice_stencil_cpu(rotations, kx, ky, box: int):
         box,
         index,
         weights,
+        sign,
     )
-    return index, weights
+    return index, weights, sign
 
 
 def gather_cpu(volumes, index, weights):

@@ -1,6 +1,9 @@
 """CUDA kernels of the GPU workers' hot path (CuPy `RawKernel`): the two E-step passes, the slice
 stencil, and the trilinear gather and insert.
 
+All volumes and sums are the workers' half spectra (`dva.ops.slice`): a sample whose point lies
+in the other half is taken at its mirror and conjugated.
+
 - `estep_sums` and `estep_insert`, the E-step's two passes (`dva.em.estep`), fused: each thread
   takes a share of one particle's pixels, computes each pixel's trilinear neighbours from the pose,
   gathers the K+1 slices there and uses them at once: the first pass sums `Re(SᴴWS)`, `Re(SᴴWy)`
@@ -30,39 +33,46 @@ from __future__ import annotations
 import functools
 
 SOURCE = r"""
-__device__ void neighbours(const double* r, const double kx, const double ky, const int box, int* index,
-                           float* weights)
+__device__ float neighbours(const double* r, const double kx, const double ky, const int box, int* index,
+                            float* weights)
 {
-    // The 8 trilinear neighbours j = 4 dz + 2 dy + dx of frequency (kx, ky) cycles/pixel under pose
-    // r (3x3, row-major): voxel coordinates (kx r[0,a] + ky r[1,a]) box + box/2 on axes a = x, y, z,
-    // clipped inside the grid. The _rn intrinsics keep each product and sum rounded on its own, as
-    // NumPy and the CPU kernels round them (no fused multiply-add).
+    // The 8 trilinear neighbours j = 4 dz + 2 dy + dx in the half spectra (dva.ops.slice.slice_stencil)
+    // of frequency (kx, ky) cycles/pixel under pose r (3x3, row-major): u = (kx r[0,a] + ky r[1,a]) box
+    // on axes a = x, y, z, taken at -u when u_x < 0 (returns -1 then: conjugate), at half-grid
+    // coordinates (u_x, u_y + box/2, u_z + box/2) clipped inside the (box, box, box/2) grid. The _rn
+    // intrinsics keep each product and sum rounded on its own, as NumPy and the CPU kernels round
+    // them (no fused multiply-add).
+    const int half = box / 2;
+    double u[3];
+    for (int a = 0; a < 3; ++a) u[a] = __dmul_rn(__dadd_rn(__dmul_rn(kx, r[a]), __dmul_rn(ky, r[3 + a])), (double)box);
+    const float sign = u[0] < 0.0 ? -1.0f : 1.0f;
     int corner[3];
     float f[3];
     for (int a = 0; a < 3; ++a) {
-        double v = __dadd_rn(__dmul_rn(kx, r[a]), __dmul_rn(ky, r[3 + a]));
-        v = __dadd_rn(__dmul_rn(v, (double)box), (double)(box / 2));
-        v = fmin(fmax(v, 0.0), (double)(box - 1) - 1e-6);
+        double v = sign < 0.0f ? -u[a] : u[a];
+        if (a > 0) v = __dadd_rn(v, (double)half);
+        v = fmin(fmax(v, 0.0), (double)((a > 0 ? box : half) - 1) - 1e-6);
         const double base = floor(v);
         corner[a] = (int)base;
         f[a] = (float)(v - base);
     }
-    const int first = (corner[2] * box + corner[1]) * box + corner[0];
+    const int first = (corner[2] * box + corner[1]) * half + corner[0];
     for (int dz = 0; dz < 2; ++dz) {
         const float wz = dz ? f[2] : 1.0f - f[2];
         for (int dy = 0; dy < 2; ++dy) {
             const float wzy = wz * (dy ? f[1] : 1.0f - f[1]);
             for (int dx = 0; dx < 2; ++dx) {
                 const int j = 4 * dz + 2 * dy + dx;
-                index[j] = first + (dz * box + dy) * box + dx;
+                index[j] = first + (dz * box + dy) * half + dx;
                 weights[j] = wzy * (dx ? f[0] : 1.0f - f[0]);
             }
         }
     }
+    return sign;
 }
 
 extern "C" __global__ void slice_stencil(const double* rotations, const double* kx, const double* ky,
-                                         int* index, float* weights, const long long points,
+                                         int* index, float* weights, float* sign, const long long points,
                                          const int pixels, const int box)
 {
     // dva.ops.slice.slice_stencil for sample p (particle i = p / pixels, pixel q)
@@ -70,7 +80,7 @@ extern "C" __global__ void slice_stencil(const double* rotations, const double* 
     if (p >= points) return;
     const long long i = p / pixels;
     const long long q = p - i * pixels;
-    neighbours(rotations + 9 * i, kx[q], ky[q], box, index + 8 * p, weights + 8 * p);
+    sign[p] = neighbours(rotations + 9 * i, kx[q], ky[q], box, index + 8 * p, weights + 8 * p);
 }
 
 template <typename T>
@@ -129,9 +139,11 @@ extern "C" __global__ void insert_float64(const double* values, const int* index
 #define UPPER(a, e) ((a) * WIDTH - (a) * ((a) - 1) / 2 + (e) - (a))  // (a, e), a <= e, in the triangle
 
 template <int N>
-__device__ void gather_slices(const float* volumes, const int* index, const float* weights, float* s)
+__device__ void gather_slices(const float* volumes, const int* index, const float* weights, const float mate,
+                              float* s)
 {
-    // the first N columns of the 8 neighbours' rows, weighted (N a constant: s stays in registers)
+    // the first N columns (re, im pairs) of the 8 neighbours' rows, weighted, conjugated when
+    // mate < 0 (N a constant: s stays in registers)
 #pragma unroll
     for (int ch = 0; ch < N; ++ch) s[ch] = 0.0f;
     for (int j = 0; j < 8; ++j) {
@@ -139,6 +151,8 @@ __device__ void gather_slices(const float* volumes, const int* index, const floa
 #pragma unroll
         for (int ch = 0; ch < N; ++ch) s[ch] += weights[j] * row[ch];
     }
+#pragma unroll
+    for (int ch = 1; ch < N; ch += 2) s[ch] *= mate;
 }
 
 extern "C" __global__ void estep_sums(const long long* order, const double* rotations, const float* y,
@@ -160,13 +174,13 @@ extern "C" __global__ void estep_sums(const long long* order, const double* rota
     int index[8];
     float w8[8], s[COLUMNS];
     for (int q = segment; q < pixels; q += segments) {
-        neighbours(r, kx[q], ky[q], box, index, w8);
+        const float mate = neighbours(r, kx[q], ky[q], box, index, w8);
         const long long p = i * pixels + q;
         const double c = (double)ctf[p], wq = weight[q];
         const double yr = sign * (double)y[2 * p], yi = sign * (double)y[2 * p + 1];
         yy += wq * (yr * yr + yi * yi);
         if (q >= lo && q < hi) {
-            gather_slices<COLUMNS>(volumes, index, w8, s);
+            gather_slices<COLUMNS>(volumes, index, w8, mate, s);
 #pragma unroll
             for (int a = 0; a < WIDTH; ++a) {
                 const double ar = wq * (c * (double)s[2 * a]), ai = wq * (c * (double)s[2 * a + 1]);
@@ -177,7 +191,7 @@ extern "C" __global__ void estep_sums(const long long* order, const double* rota
                 }
             }
         } else {
-            gather_slices<2>(volumes, index, w8, s);
+            gather_slices<2>(volumes, index, w8, mate, s);
             const double ar = wq * (c * (double)s[0]), ai = wq * (c * (double)s[1]);
             b[0] += ar * yr + ai * yi;
             g[0] += ar * (c * (double)s[0]) + ai * (c * (double)s[1]);
@@ -219,15 +233,15 @@ extern "C" __global__ void estep_insert(const long long* order, const double* ro
     int index[8];
     float w8[8], s[COLUMNS];
     for (int q = segment; q < pixels; q += segments) {
-        neighbours(r, kx[q], ky[q], box, index, w8);
+        const float mate = neighbours(r, kx[q], ky[q], box, index, w8);
         const long long p = i * pixels + q;
         const double c = (double)ctf[p];
         const double yr = sign * (double)y[2 * p], yi = sign * (double)y[2 * p + 1];
         const bool inner = q >= lo && q < hi;
         if (inner) {
-            gather_slices<COLUMNS>(volumes, index, w8, s);
+            gather_slices<COLUMNS>(volumes, index, w8, mate, s);
         } else {
-            gather_slices<2>(volumes, index, w8, s);
+            gather_slices<2>(volumes, index, w8, mate, s);
         }
         const double rr = yr - scale * (c * (double)s[0]), ri = yi - scale * (c * (double)s[1]);
         double er = rr, ei = ri;
@@ -239,7 +253,7 @@ extern "C" __global__ void estep_insert(const long long* order, const double* ro
         }
         atomicAdd(&power[i * shells + shell[q]], multiplicity[q] * (er * er + ei * ei));
         if (!inner || !statistics) continue;
-        const double cw = c * (weight[q] / 2), gg = c * cw, re = cw * rr, im = cw * ri;
+        const double cw = c * (weight[q] / 2), gg = c * cw, re = cw * rr, im = cw * (mate * ri);  // conjugate at the mirror
         for (int k = 0; k < PAIRS; ++k) v[k] = gg * zz[k];
         for (int a = 0; a < MODES; ++a) {
             v[PAIRS + 2 * a] = re * za[a];
@@ -367,13 +381,15 @@ def estep_insert_cuda(order, *arguments) -> None:
 
 
 def slice_stencil_cuda(rotations, kx, ky, box: int) -> tuple:
-    """`(n·P, 8)` int32 indices and float32 weights of the trilinear neighbours of n poses'
-    `(n, 3, 3)` central slices at frequencies `(P,)` (cycles/pixel), in one kernel."""
+    """`(n·P, 8)` int32 indices and float32 weights of the trilinear neighbours in the half spectra,
+    and `(n·P,)` float32 signs, of n poses' `(n, 3, 3)` central slices at frequencies `(P,)`
+    (cycles/pixel), in one kernel."""
     import cupy
 
     points = rotations.shape[0] * kx.shape[0]
     index = cupy.empty((points, 8), cupy.int32)
     weights = cupy.empty((points, 8), cupy.float32)
+    sign = cupy.empty(points, cupy.float32)
     _run(
         "slice_stencil",
         points,
@@ -382,8 +398,9 @@ def slice_stencil_cuda(rotations, kx, ky, box: int) -> tuple:
         cupy.ascontiguousarray(ky, dtype=cupy.float64),
         index,
         weights,
+        sign,
         cupy.int64(points),
         cupy.int32(kx.shape[0]),
         cupy.int32(box),
     )
-    return index, weights
+    return index, weights, sign

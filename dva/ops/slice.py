@@ -3,6 +3,11 @@
 Volumes are in the centred Fourier layout `fftshift(fftn(ifftshift(vol)))` with DC at index
 D//2, indexed `[z, y, x]`. A 2D frequency `(kx, ky)` in cycles/pixel of an image with pose A samples
 the volume at `Aᵀ·(kx, ky, 0)` (DESIGN.md §1), i.e. at voxel coordinates `D·Aᵀk + D//2`.
+
+The workers hold only the half `x ≥ D//2` of the spectra of real volumes (`D·D·D//2` rows,
+`[z, y, x − D//2]`; `half_rows`): the other half is its conjugate mirror. A sample whose point has
+x < D//2 is taken at its mirror −k instead, and conjugated (`slice_stencil`'s sign); insertions
+into the half are completed on the full grid by `unfold`.
 """
 
 from __future__ import annotations
@@ -28,17 +33,26 @@ def view_order(rotations, batch: int, xp: ModuleType = np):
     return xp.argsort(band * 8 + snake, kind="stable")
 
 
-def neighbour_offsets(box: int, xp: ModuleType = np):
-    """Flat-index offsets `(8,)` (int32) of a voxel's trilinear neighbours, j = 4·dz + 2·dy + dx."""
-    return xp.asarray([(dz * box + dy) * box + dx for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)], xp.int32)
+def half_rows(box: int) -> int:
+    """Rows of a worker's half spectrum: the `x ≥ D//2` half of the `D³` centred grid."""
+    return box * box * (box // 2)
+
+
+def neighbour_offsets(box: int, xp: ModuleType = np, width: int | None = None):
+    """Flat-index offsets `(8,)` (int32) of a voxel's trilinear neighbours, j = 4·dz + 2·dy + dx, in
+    a `(D, D, width)` grid (`width` D by default; D//2 for the half spectra)."""
+    width = box if width is None else width
+    return xp.asarray([(dz * box + dy) * width + dx for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)], xp.int32)
 
 
 def slice_stencil(rotations, kx, ky, box: int, xp: ModuleType = np):
-    """The trilinear stencil of n poses' central slices at frequencies `(P,)` (cycles/pixel): flat
-    indices `(n·P, 8)` int32 into the `(D³, ·)` volumes and weights `(n·P, 8)` float32 of the 8
-    neighbours j = 4·dz + 2·dy + dx of the voxel coordinates `D·Aᵀk + D//2` (x, y, z), sample
-    p = i·P + q. Coordinates are clipped inside `[0, D − 1)` so every neighbour is a voxel (the band
-    limit keeps them there anyway). One compiled kernel per backend, no coordinate arrays."""
+    """The trilinear stencil of n poses' central slices at frequencies `(P,)` (cycles/pixel) in the
+    half spectra: flat indices `(n·P, 8)` int32 into the `(half_rows, ·)` volumes, weights
+    `(n·P, 8)` float32 of the 8 neighbours j = 4·dz + 2·dy + dx, and signs `(n·P,)` float32: a
+    sample whose point `u = D·Aᵀk` has u_x < 0 is taken at −u, sign −1 (its value is the conjugate
+    of the half's). The half's coordinates are `(u_x, u_y + D//2, u_z + D//2)`, clipped inside the
+    grid so every neighbour is a voxel (the band limit keeps them there anyway). Sample p = i·P + q.
+    One compiled kernel per backend, no coordinate arrays."""
     if xp is np:
         from dva.ops.cpu import slice_stencil_cpu
 
@@ -102,11 +116,14 @@ def mirror(volumes, xp: ModuleType = np):
     return xp.roll(xp.flip(volumes, axis=axes), 1, axis=axes)
 
 
-def symmetrize(channels, box: int, sign: float, xp: ModuleType = np):
-    """Complete half-plane insertions `(C, D³)` with their Friedel mates: `x + sign·mirror(x)`.
+def unfold(channels, box: int, sign: float, xp: ModuleType = np):
+    """Full-grid sums `(C, D³)` from insertions into the half spectra `(C, half_rows)`: each half
+    placed at `x ≥ D//2`, then `x + sign·mirror(x)`, the mirrored conjugate of every sample added.
 
-    `sign` is +1 for real parts (and real channels) and −1 for imaginary parts. Inserting each
-    half-plane sample once and then adding its mirrored conjugate equals inserting the full plane.
-    """
-    vols = channels.reshape(-1, box, box, box)
-    return (vols + sign * mirror(vols, xp)).reshape(channels.shape)
+    `sign` is +1 for real parts (and real channels) and −1 for imaginary parts. Each half-plane
+    sample inserted once (at its point or, conjugated, at its mirror) and unfolded equals the
+    full plane inserted on the full grid."""
+    half = box // 2
+    full = xp.zeros((len(channels), box, box, box), dtype=channels.dtype)
+    full[..., half:] = channels.reshape(len(channels), box, box, half)
+    return (full + sign * mirror(full, xp)).reshape(len(channels), -1)
