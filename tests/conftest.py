@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 FORMATS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "formats"
@@ -53,3 +54,25 @@ def xp(request):
 def to_host(a):
     """NumPy copy of a NumPy or CuPy array."""
     return a.get() if hasattr(a, "get") else a
+
+
+def to_fourier(volume, xp=np):
+    """The centred full Fourier layout `fftshift(fftn(ifftshift(vol)))` (the reference for the half
+    spectra of `dva.ops.filters.half_spectrum`)."""
+    return xp.fft.fftshift(xp.fft.fftn(xp.fft.ifftshift(volume)))
+
+
+def half_of(full, box: int):
+    """The `x ≥ D//2` half `(C, half_rows)` of full-grid channels `(C, D³)`: the workers' half spectra."""
+    return full.reshape(len(full), box, box, box)[..., box // 2 :].reshape(len(full), -1)
+
+
+def unfold(half, box: int, sign: float, xp=np):
+    """Full-grid channels `(C, D³)` from half-spectrum sums `(C, half_rows)`, written out: the half
+    placed at `x ≥ D//2`, then `x + sign·mirror(x)` over all three axes (the reference for
+    `complete_plane` and the half-spectrum solves)."""
+    from dva.ops.slice import mirror
+
+    full = xp.zeros((len(half), box, box, box), dtype=half.dtype)
+    full[..., box // 2 :] = half.reshape(len(half), box, box, box // 2)
+    return (full + sign * mirror(full, xp)).reshape(len(half), -1)

@@ -14,9 +14,9 @@ from dva.em.chunk import Chunk, filter_pixels, make_band
 from dva.em.estep import em_statistics
 from dva.em.model import Model, fourier_stack
 from dva.em.mstep import band_filter, random_components, regularize, solve_components
-from dva.ops.filters import to_fourier
 from dva.ops.rotation import random_rotations
 from dva.ops.slice import gather, gridding_correction
+from tests.conftest import to_fourier
 from tests.stencil import slice_coordinates, trilinear_stencil
 
 

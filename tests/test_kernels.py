@@ -230,13 +230,13 @@ def test_estep_passes_equal_direct_sums(request, kernel, modes):
     """The fused E-step passes of both backends (numba; CUDA through the stand-in, several threads
     per particle), on the half spectra, against every slice, sum and insertion written out in
     complex128 on the full grid: components over part of the band, the data sign flipped,
-    particles in the view order; the half sums, added to what the accumulator held and unfolded,
-    equal the full grid's."""
+    particles in the view order; the half sums, added to what the accumulator held and completed
+    (`complete_plane`), equal the full grid's on that half."""
     from dva.em.chunk import make_band
     from dva.em.estep import _kernel_arguments, estep_insert, estep_sums
     from dva.em.model import Model
-    from dva.ops.filters import to_fourier
-    from dva.ops.slice import half_rows, unfold, view_order
+    from dva.ops.slice import complete_plane, half_rows, view_order
+    from tests.conftest import half_of, to_fourier
 
     rng = np.random.default_rng(6)
     box, n = 12, 7
@@ -257,11 +257,13 @@ def test_estep_passes_equal_direct_sums(request, kernel, modes):
     start = rng.normal(size=(half_rows(box), len(sums)))
     out = start.copy()
     got_power = estep_insert(order, shared, band, alpha, z, out, xp)
-    unfolded = np.concatenate(
-        [unfold((out - start)[:, k][None], box, sign) for k, sign in enumerate(_channel_signs(modes))]
+    completed = np.concatenate(
+        [complete_plane((out - start)[:, k][None], box, sign) for k, sign in enumerate(_channel_signs(modes))]
     )
     names = ("gram", "proj", "data", "power", "sums")
-    for name, value, want in zip(names, (*got, got_power, unfolded), (gram, proj, data, power, sums), strict=True):
+    for name, value, want in zip(
+        names, (*got, got_power, completed), (gram, proj, data, power, half_of(sums, box)), strict=True
+    ):
         # float32 volumes and gathers: the sums agree to float32 rounding
         np.testing.assert_allclose(value, want, rtol=0, atol=2e-6 * np.abs(want).max(), err_msg=name)
 

@@ -7,11 +7,10 @@ import pytest
 
 from dva.em.estep import pair_index
 from dva.em.finish import subspace_angle_deg
-from dva.em.mean import shell_mean
 from dva.em.mstep import solve_components, solve_spd
-from dva.ops.filters import filter_real, radius_3d, to_fourier, to_real
-from dva.ops.slice import gridding_correction, half_rows, unfold
-from tests.conftest import to_host
+from dva.ops.filters import filter_real, half_spectrum, radius_3d, to_real
+from dva.ops.slice import gridding_correction, half_rows
+from tests.conftest import to_host, unfold
 
 
 @pytest.mark.parametrize("k", [1, 3, 6])
@@ -48,20 +47,27 @@ def _full_inverse(spectrum):
 
 
 def test_half_spectrum_transforms_equal_the_full_ones(xp):
+    """`half_spectrum` is the x ≥ D/2 half of the full centred FFT; `to_real` inverts it (for a volume
+    with nothing on the kx = D/2 plane, which the half leaves out); `filter_real` is the filter
+    applied to the full spectrum."""
     rng = np.random.default_rng(4)
     box = 12
-    vol = rng.normal(size=(box,) * 3)
+    spectrum = np.fft.fftshift(np.fft.fftn(np.fft.ifftshift(rng.normal(size=(box,) * 3))))
+    spectrum[..., 0] = 0  # the kx = D/2 plane (its own mirror: the spectrum stays Hermitian)
+    vol = _full_inverse(spectrum)
     filt = 1.0 / (1.0 + (radius_3d(box) / 0.2) ** 3)
-    spectrum = np.fft.fftshift(np.fft.fftn(np.fft.ifftshift(vol)))
-    np.testing.assert_allclose(to_host(to_fourier(xp.asarray(vol), xp)), spectrum, atol=1e-12)
-    np.testing.assert_allclose(to_host(to_real(xp.asarray(spectrum), xp)), vol, atol=1e-12)
+    half = to_host(half_spectrum(xp.asarray(vol), xp))
+    np.testing.assert_allclose(half, spectrum[..., box // 2 :], atol=1e-12)
+    np.testing.assert_allclose(to_host(to_real(xp.asarray(half), xp)), vol, atol=1e-12)
     filtered = to_host(filter_real(xp.asarray(vol), xp.asarray(filt), xp))
     np.testing.assert_allclose(filtered, _full_inverse(spectrum * filt), atol=1e-12)
 
 
 def test_solve_components_equals_a_per_voxel_solve():
-    """Random summed statistics: against each voxel's K×K system built in full and solved with
-    `linalg.solve` (complex right-hand side), the full inverse FFT and the gridding correction."""
+    """Random summed statistics on the half spectra: against each voxel's K×K system built on the
+    full grid (the half unfolded, `tests.conftest.unfold`) and solved with `linalg.solve` (complex
+    right-hand side), shell means over the full grid, the full inverse FFT and the gridding
+    correction."""
     rng = np.random.default_rng(5)
     box, k, lam = 10, 3, 0.05
     pairs = pair_index(k)
@@ -77,8 +83,11 @@ def test_solve_components_equals_a_per_voxel_solve():
     for c, (a, b) in enumerate(pairs):
         matrices[:, a, b] = matrices[:, b, a] = g[c]
     rhs = unfold(stats["b"][:, 0::2].T, box, 1.0) + 1j * unfold(stats["b"][:, 1::2].T, box, -1.0)
-    scale = shell_mean(np.trace(matrices, axis1=1, axis2=2) / k, box)
-    inside = radius_3d(box).ravel() * box <= box // 2 - 1
+    radius = radius_3d(box).ravel() * box
+    shell = np.minimum(np.rint(radius).astype(int), box // 2)
+    trace = np.trace(matrices, axis1=1, axis2=2) / k
+    scale = (np.bincount(shell, weights=trace) / np.bincount(shell))[shell]
+    inside = radius <= box // 2 - 1
     spectrum = np.zeros((k, box**3), complex)
     solved = np.linalg.solve(matrices + (lam * scale + 1e-30)[:, None, None] * np.eye(k), rhs.T[..., None])[..., 0]
     spectrum[:, inside] = solved[inside].T

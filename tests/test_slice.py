@@ -4,18 +4,17 @@ import numpy as np
 import pytest
 
 from dva.em.chunk import make_band
-from dva.ops.filters import to_fourier
 from dva.ops.rotation import random_rotations
 from dva.ops.slice import (
+    complete_plane,
     gather,
     gridding_correction,
     half_rows,
     insert,
     slice_stencil,
-    unfold,
     view_order,
 )
-from tests.conftest import to_host
+from tests.conftest import half_of, to_fourier, to_host
 from tests.stencil import slice_coordinates, trilinear_stencil
 from tests.test_mrc import _corr, real_space_projection
 
@@ -80,7 +79,8 @@ def test_kernels_refuse_an_accumulator_or_stencil_they_cannot_use():
 
 def test_half_plane_insertion_with_mates_equals_full_plane(xp):
     """Half-plane samples inserted once into the half spectra (each at its point or, conjugated, at
-    its mirror: `slice_stencil`), then `unfold`ed, equal the full plane inserted on the full grid."""
+    its mirror: `slice_stencil`), then `complete_plane`d, equal the full plane inserted on the full
+    grid, on that half."""
     rng = np.random.default_rng(3)
     box = 16
     image = rng.normal(size=(box, box))
@@ -96,9 +96,11 @@ def test_half_plane_insertion_with_mates_equals_full_plane(xp):
     assert 0 < float((mate < 0).mean()) < 1  # some samples at their point, some at their mirror
     parts = insert(xp.stack([half.real, half.imag * mate], -1), idx, w, xp.zeros((half_rows(box), 2)), xp).T
     np.testing.assert_allclose(
-        to_host(unfold(parts[:1], box, 1.0, xp)), to_host(reference[:1]), rtol=1e-5, atol=1e-5
+        to_host(complete_plane(parts[:1], box, 1.0, xp)), to_host(half_of(reference[:1], box)), rtol=1e-5, atol=1e-5
     )  # float32 weights
-    np.testing.assert_allclose(to_host(unfold(parts[1:], box, -1.0, xp)), to_host(reference[1:]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        to_host(complete_plane(parts[1:], box, -1.0, xp)), to_host(half_of(reference[1:], box)), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_fourier_slice_matches_real_space_projection():

@@ -53,9 +53,22 @@ class Band:
         return xp.bincount(self.shell, weights=self.multiplicity, minlength=self.shells) * float(particles)
 
 
-def inside_band_3d(box: int, xp: ModuleType = np):
-    """`(D³,)` bool: voxels of the centred grid within the band radius `box//2 − 1`."""
-    return radius_3d(box, xp).ravel() * box <= box // 2 - 1
+def half_radius(box: int, xp: ModuleType = np):
+    """|k| in pixels (cycles per box) of every row `(D·D·D//2,)` of the half spectra (`dva.ops.slice`)."""
+    return radius_3d(box, xp)[..., box // 2 :].ravel() * box
+
+
+def half_multiplicity(box: int, xp: ModuleType = np):
+    """How many voxels of the full grid each row of the half spectra stands for `(D·D·D//2,)`: 1 on
+    the kx = 0 plane (its own mirror's half), 2 elsewhere (itself and its mirror)."""
+    weight = xp.full((box, box, box // 2), 2.0)
+    weight[..., 0] = 1.0
+    return weight.ravel()
+
+
+def inside_band_half(box: int, xp: ModuleType = np):
+    """`(D·D·D//2,)` bool: rows of the half spectra within the band radius `box//2 − 1`."""
+    return half_radius(box, xp) <= box // 2 - 1
 
 
 def make_band(box: int, xp: ModuleType = np) -> Band:

@@ -78,7 +78,7 @@ def estep_insert(order, shared: tuple, band: Band, alpha, z, sums, xp: ModuleTyp
     `sums (D³, C)` float64 has rows, the M-step channels of each component pixel inserted into it:
     K(K+1)/2 of `c²·W/2·α²z_a z_b` (a ≤ b, `pair_index`), then `c·W/2·Re(r)·αz_a` and
     `c·W/2·Im(r)·αz_a` per mode a, with r = y − α s_0 (W/2: each sample stands for itself and its
-    mate, `unfold`)."""
+    mate, `complete_plane`)."""
     n = len(alpha)
     power = xp.zeros((n, band.shells))
     arguments = (

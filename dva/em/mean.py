@@ -10,9 +10,9 @@ from types import ModuleType
 
 import numpy as np
 
-from dva.em.chunk import Band, Chunk, inside_band_3d
-from dva.ops.filters import radius_3d, to_real
-from dva.ops.slice import gridding_correction, half_rows, insert, slice_stencil, unfold, view_order
+from dva.em.chunk import Band, Chunk, half_multiplicity, half_radius, inside_band_half
+from dva.ops.filters import to_real
+from dva.ops.slice import complete_plane, gridding_correction, half_rows, insert, slice_stencil, view_order
 
 MEAN_TAU = 1e-3  # τ as a fraction of the shell's mean denominator
 BATCH = 128  # particles per vectorised step on CPU workers (their cache)
@@ -35,7 +35,7 @@ def mean_statistics(chunk: Chunk, band: Band, scale: str, xp: ModuleType = np, w
     """
     box = band.box
     groups = 1 if weights is None else weights.shape[1]
-    half = band.multiplicity / 2  # each sample stands for itself and its mate (see `unfold`)
+    half = band.multiplicity / 2  # each sample stands for itself and its mate (see `complete_plane`)
     sums = xp.zeros((half_rows(box), 3 * groups))  # voxel-major: (re, im, den) of each group side by side
     weights = None if weights is None else xp.asarray(weights)
     batch = batch_size(len(band.flat), xp)
@@ -63,27 +63,24 @@ def mean_statistics(chunk: Chunk, band: Band, scale: str, xp: ModuleType = np, w
     return {"num": sums[:, :2], "den": sums[:, 2], "power": power, "count": count}
 
 
-def shell_index_3d(box: int, xp: ModuleType = np):
-    """Shell of every voxel `(D³,)` of the centred grid (rounded |k|·D), clipped to the last shell."""
-    return xp.minimum(xp.rint(radius_3d(box, xp) * box).astype(xp.int64).ravel(), box // 2)
-
-
 def shell_mean(values, box: int, xp: ModuleType = np):
-    """Mean of `values (D³,)` over each shell, broadcast back to `(D³,)`."""
-    shell = shell_index_3d(box, xp)
-    total = xp.bincount(shell, weights=values, minlength=box // 2 + 1)
-    count = xp.maximum(xp.bincount(shell, minlength=box // 2 + 1), 1)
+    """Mean over each shell (rounded |k|·D, the last shell D//2 taking everything beyond) of the full
+    grid of `values (half_rows,)` given on the half spectra (each row standing for itself and, off
+    the kx = 0 plane, its mirror, which holds the same value), broadcast back to `(half_rows,)`."""
+    shell = xp.minimum(xp.rint(half_radius(box, xp)).astype(xp.int64), box // 2)
+    weight = half_multiplicity(box, xp)
+    total = xp.bincount(shell, weights=values * weight, minlength=box // 2 + 1)
+    count = xp.maximum(xp.bincount(shell, weights=weight, minlength=box // 2 + 1), 1)
     return (total / count)[shell]
 
 
 def solve_mean(num, den, box: int, xp: ModuleType = np) -> np.ndarray:
     """A volume `(D, D, D)` float32 (real space, map units, gridding-corrected) from one group's summed
-    numerator `(2, half_rows)` and denominator `(half_rows,)`."""
-    num = unfold(num[0][None], box, 1.0, xp)[0] + 1j * unfold(num[1][None], box, -1.0, xp)[0]
-    den = unfold(den[None], box, 1.0, xp)[0]
+    numerator `(2, half_rows)` and denominator `(half_rows,)` on the half spectra."""
+    num = complete_plane(num[:1], box, 1.0, xp)[0] + 1j * complete_plane(num[1:], box, -1.0, xp)[0]
+    den = complete_plane(den[None], box, 1.0, xp)[0]
     tau = MEAN_TAU * shell_mean(den, box, xp) + 1e-30
-    inside = inside_band_3d(box, xp)
-    spectrum = xp.where(inside, num / (den + tau), 0).reshape(box, box, box)
+    spectrum = xp.where(inside_band_half(box, xp), num / (den + tau), 0).reshape(box, box, box // 2)
     return (to_real(spectrum, xp) / gridding_correction(box, xp)).astype(xp.float32)
 
 

@@ -7,7 +7,7 @@ from types import ModuleType
 
 import numpy as np
 
-from dva.ops.filters import to_fourier
+from dva.ops.filters import half_spectrum
 from dva.ops.slice import gridding_correction
 
 
@@ -44,9 +44,7 @@ def fourier_stack(mean: np.ndarray, components: np.ndarray, xp: ModuleType = np)
     box = mean.shape[0]
     correction = gridding_correction(box, xp)
     vols = [mean, *components]
-    return xp.stack([to_fourier(xp.asarray(v) / correction, xp)[..., box // 2 :].ravel() for v in vols], -1).astype(
-        xp.complex64
-    )
+    return xp.stack([half_spectrum(xp.asarray(v) / correction, xp).ravel() for v in vols], -1).astype(xp.complex64)
 
 
 def scale_prior(moments, n: int) -> tuple[float, float]:

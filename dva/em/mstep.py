@@ -6,24 +6,24 @@ from types import ModuleType
 
 import numpy as np
 
-from dva.em.chunk import inside_band_3d
+from dva.em.chunk import inside_band_half
 from dva.em.estep import pair_index
 from dva.em.mean import shell_mean
 from dva.ops.filters import butterworth_highpass, butterworth_lowpass, filter_real, radius_3d, to_real
-from dva.ops.slice import gridding_correction, unfold
+from dva.ops.slice import complete_plane, gridding_correction, half_rows
 
 
 def solve_components(stats: dict, box: int, modes: int, lam: float, xp: ModuleType = np) -> np.ndarray:
-    """Components `(K, D, D, D)` (real space) from summed statistics (`G`, `b` on the half spectra,
-    unfolded): `v(ω) = (G(ω) + λ·s·I)⁻¹ b(ω)` in every voxel inside the band, then the gridding
-    correction.
+    """Components `(K, D, D, D)` (real space) from summed statistics (`G`, `b` on the half spectra):
+    `v(ω) = (G(ω) + λ·s·I)⁻¹ b(ω)` in every voxel of the half inside the band (the other half is
+    its conjugate), then the gridding correction.
 
     `s` is the mean of tr(G)/K over the voxel's shell, so λ is relative to the data's weight there.
     """
     k = modes
     pairs = pair_index(k)
-    inside = xp.flatnonzero(inside_band_3d(box, xp))
-    g = unfold(stats["G"].T, box, 1.0, xp)  # (K(K+1)/2, D³)
+    inside = xp.flatnonzero(inside_band_half(box, xp))
+    g = complete_plane(stats["G"].T, box, 1.0, xp)  # (K(K+1)/2, half_rows)
     scale = shell_mean(sum(g[c] for c, (a, b) in enumerate(pairs) if a == b) / k, box, xp)[inside]
     channel = np.zeros((k, k), np.int64)  # the channel of G_ab
     for c, (a, b) in enumerate(pairs):
@@ -31,13 +31,13 @@ def solve_components(stats: dict, box: int, modes: int, lam: float, xp: ModuleTy
     lhs = g[:, inside][xp.asarray(channel)]  # (K, K, m)
     diagonal = xp.arange(k)
     lhs[diagonal, diagonal] += lam * scale + 1e-30
-    re = unfold(stats["b"][:, 0::2].T, box, 1.0, xp)[:, inside]  # (K, m)
-    im = unfold(stats["b"][:, 1::2].T, box, -1.0, xp)[:, inside]
+    re = complete_plane(stats["b"][:, 0::2].T, box, 1.0, xp)[:, inside]  # (K, m)
+    im = complete_plane(stats["b"][:, 1::2].T, box, -1.0, xp)[:, inside]
     sol = solve_spd(lhs, xp.stack([re, im], 1), xp)  # (K, 2, m)
-    spectrum = xp.zeros((k, box**3), dtype=xp.complex128)
+    spectrum = xp.zeros((k, half_rows(box)), dtype=xp.complex128)
     spectrum[:, inside] = sol[:, 0] + 1j * sol[:, 1]
     correction = gridding_correction(box, xp)
-    return xp.stack([to_real(s.reshape(box, box, box), xp) / correction for s in spectrum])
+    return xp.stack([to_real(s.reshape(box, box, box // 2), xp) / correction for s in spectrum])
 
 
 def solve_spd(a, b, xp: ModuleType = np):

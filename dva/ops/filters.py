@@ -23,21 +23,27 @@ def butterworth_highpass(k, cutoff: float, order: float):
     return 1.0 - butterworth_lowpass(k, cutoff, order)
 
 
-def to_fourier(volume, xp: ModuleType = np):
-    """Real `vol[z, y, x]` (centre at N//2) to the centred Fourier layout `fftshift(fftn(ifftshift(vol)))`."""
-    return xp.fft.fftshift(xp.fft.fftn(xp.fft.ifftshift(volume)))
+def half_spectrum(volume, xp: ModuleType = np):
+    """Real `vol[z, y, x]` (centre at D//2) to its half spectrum `(D, D, D//2)`: the `x ≥ D//2` half
+    of the centred layout `fftshift(fftn(ifftshift(vol)))` (`[z, y, x − D//2]`, kx = 0 … D/2 − 1;
+    the rest is its conjugate mirror), by `rfftn` (half the work of `fftn`)."""
+    half = xp.fft.rfftn(xp.fft.ifftshift(volume))[..., : volume.shape[-1] // 2]
+    return xp.fft.fftshift(half, axes=(0, 1))
 
 
-def to_real(spectrum, xp: ModuleType = np):
-    """Inverse of `to_fourier` for the spectrum of a real volume (Hermitian, `X(−k) = X(k)*`, as every
-    spectrum dva inverts is): `irfftn` of its half, half the work of `ifftn`."""
-    half = xp.fft.ifftshift(spectrum)[..., : spectrum.shape[-1] // 2 + 1]
-    return xp.fft.fftshift(xp.fft.irfftn(half, s=spectrum.shape, axes=(0, 1, 2)))
+def to_real(half, xp: ModuleType = np):
+    """Inverse of `half_spectrum` for a half spectrum `(D, D, D//2)` whose kx = 0 plane is
+    conjugate-symmetric (as every spectrum dva inverts is); the kx = D/2 plane, outside every band,
+    is taken as zero. By `irfftn`."""
+    box = half.shape[0]
+    spectrum = xp.zeros((box, box, box // 2 + 1), dtype=xp.result_type(half.dtype, xp.complex64))
+    spectrum[..., : box // 2] = xp.fft.ifftshift(half, axes=(0, 1))
+    return xp.fft.fftshift(xp.fft.irfftn(spectrum, s=(box, box, box), axes=(0, 1, 2)))
 
 
 def filter_real(volume, filt, xp: ModuleType = np):
-    """`to_real(to_fourier(volume) · filt)` for a real volume and a real filter `(D, D, D)` that is
-    even (`filt(−k) = filt(k)`, as radial filters are), through `rfftn`/`irfftn` (half the work)."""
+    """A real volume times a real filter `(D, D, D)` in the centred Fourier layout that is even
+    (`filt(−k) = filt(k)`, as radial filters are), through `rfftn`/`irfftn` (half the work)."""
     half = xp.fft.ifftshift(filt)[..., : volume.shape[-1] // 2 + 1]
     spectrum = xp.fft.rfftn(xp.fft.ifftshift(volume)) * half
     return xp.fft.fftshift(xp.fft.irfftn(spectrum, s=volume.shape, axes=(0, 1, 2)))

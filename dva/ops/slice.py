@@ -7,7 +7,7 @@ the volume at `Aᵀ·(kx, ky, 0)` (DESIGN.md §1), i.e. at voxel coordinates `D�
 The workers hold only the half `x ≥ D//2` of the spectra of real volumes (`D·D·D//2` rows,
 `[z, y, x − D//2]`; `half_rows`): the other half is its conjugate mirror. A sample whose point has
 x < D//2 is taken at its mirror −k instead, and conjugated (`slice_stencil`'s sign); insertions
-into the half are completed on the full grid by `unfold`.
+into the half are completed by `complete_plane`; `dva.ops.filters` transforms half spectra.
 """
 
 from __future__ import annotations
@@ -110,20 +110,20 @@ def insert(values, index, weights, out, xp: ModuleType = np):
     return out
 
 
-def mirror(volumes, xp: ModuleType = np):
-    """`out[..., i] = volumes[..., D − i]` on the last three axes of centred `(..., D, D, D)` grids: the voxel at −k."""
-    axes = (-3, -2, -1)
-    return xp.roll(xp.flip(volumes, axis=axes), 1, axis=axes)
+def mirror(volumes, xp: ModuleType = np, axes: int = 3):
+    """`out[..., i] = volumes[..., D − i]` on the last `axes` axes of centred grids: the voxel at −k."""
+    last = tuple(range(-axes, 0))
+    return xp.roll(xp.flip(volumes, axis=last), 1, axis=last)
 
 
-def unfold(channels, box: int, sign: float, xp: ModuleType = np):
-    """Full-grid sums `(C, D³)` from insertions into the half spectra `(C, half_rows)`: each half
-    placed at `x ≥ D//2`, then `x + sign·mirror(x)`, the mirrored conjugate of every sample added.
+def complete_plane(channels, box: int, sign: float, xp: ModuleType = np):
+    """Sums `(C, half_rows)` inserted into the half spectra, completed: on the kx = 0 plane (its own
+    mirror's half) each voxel also gets its mirror's sum, `x + sign·mirror(x)` over (y, z); elsewhere
+    every sample already sits where it or its conjugate belongs. The result equals the full plane
+    inserted on the full grid, on the half.
 
-    `sign` is +1 for real parts (and real channels) and −1 for imaginary parts. Each half-plane
-    sample inserted once (at its point or, conjugated, at its mirror) and unfolded equals the
-    full plane inserted on the full grid."""
-    half = box // 2
-    full = xp.zeros((len(channels), box, box, box), dtype=channels.dtype)
-    full[..., half:] = channels.reshape(len(channels), box, box, half)
-    return (full + sign * mirror(full, xp)).reshape(len(channels), -1)
+    `sign` is +1 for real parts (and real channels) and −1 for imaginary parts."""
+    out = channels.reshape(len(channels), box, box, box // 2).copy()
+    plane = out[..., 0]
+    out[..., 0] = plane + sign * mirror(plane, xp, axes=2)
+    return out.reshape(len(channels), -1)
