@@ -75,10 +75,16 @@ def _neighbours(r, kxq, kyq, box, index, weights):
 
 @numba.njit(**JIT)
 def _slice_stencil(rotations, kx, ky, box, index, weights, sign):
+    at = numba.carray(_stack(8, np.int64), (8,))
+    w8 = numba.carray(_stack(8, np.float32), (8,))
     for i in range(rotations.shape[0]):
+        r = rotations[i]
         for q in range(kx.shape[0]):
             p = i * kx.shape[0] + q
-            sign[p] = _neighbours(rotations[i], kx[q], ky[q], box, index[p], weights[p])
+            sign[p] = _neighbours(r, kx[q], ky[q], box, at, w8)
+            for j in range(8):
+                index[p, j] = at[j]
+                weights[p, j] = w8[j]
 
 
 @functools.cache
