@@ -443,6 +443,10 @@ def bench(
     streamed: Annotated[
         bool, typer.Option(help="Keep no chunk resident: re-read all from the store every pass.")
     ] = False,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Folder to keep the synthetic dataset in, reused there by runs of the same size."),
+    ] = None,
     json_line: Annotated[bool, typer.Option("--json", help="Print one JSON line only.")] = False,
 ) -> None:
     """Benchmark the E/M iterations: time per iteration, particles/s, peak memory per worker."""
@@ -461,6 +465,7 @@ def bench(
             iterations=iterations,
             scheduler=scheduler,
             streamed=streamed,
+            data=data,
         )
     if json_line:
         print(json.dumps(found))

@@ -148,9 +148,12 @@ def test_a_folder_that_is_not_a_run_is_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory):
-    """`dva run` (K=2, 12 Å) on 2,000 tiny-preset particles at SNR 20 (the .star is the input)."""
+    """`dva run` (K=2, 12 Å) on 6,000 tiny-preset particles at SNR 20 (the .star is the input): with
+    2,000 the intermediates-vs-linear comparison below was decided by the noise (seeds 4-7 at
+    2,000: 5 of 8 ends favour intermediates, by <= 0.001 in correlation; at 6,000 seeds 4 and 5: 4 of
+    4, by 0.0003-0.0012)."""
     tmp = tmp_path_factory.mktemp("real")
-    sim = simulate_dataset(tmp / "sim", "tiny", particles=2000, snr=20.0, seed=4)
+    sim = simulate_dataset(tmp / "sim", "tiny", particles=6000, snr=20.0, seed=4)
     args = ["run", str(sim / "particles.star"), "--mask", str(sim / "mask.mrc"), "--filter-res", "12"]
     r = runner.invoke(app, [*args, "--modes", "2", "--iterations", "12", "--out", str(tmp / "r"), "--workers", "2"])
     assert r.exit_code == 0, r.output
@@ -179,7 +182,9 @@ def test_cluster_mode_finds_the_discrete_states(real_run, tmp_path):
         rows = sub["stack_index"].to_numpy()  # the simulated stack holds the particles in order
         labels[rows] = c
         assert sub.sizes["particle"] == len(set(rows))
-    assert sum(read_star(out / f"dva_cluster_{c:03d}_particles.star").sizes["particle"] for c in range(2)) == 2000
+    assert sum(read_star(out / f"dva_cluster_{c:03d}_particles.star").sizes["particle"] for c in range(2)) == len(
+        present
+    )
     # Which cluster is "present" is arbitrary: take the better matching.
     accuracy = max(np.mean(labels == present), np.mean(labels != present))
     assert accuracy >= 0.95
@@ -275,9 +280,9 @@ def test_exported_frame_particles_reimport(real_run, tmp_path):
             )
             assert r.exit_code == 0, r.output
         sub = read_star(out / f"component_0/frame_{f:03d}_particles.star")
-        assert sub.sizes["particle"] in (666, 667)  # equal counts of 2,000
+        assert sub.sizes["particle"] == 2000  # equal counts of 6,000
         uids.append(set(sub["stack_index"].to_numpy().tolist()))
-    assert len(set.union(*uids)) == 2000
+    assert len(set.union(*uids)) == 6000
 
 
 def _sphere_map(path, radius_px, centre=(0, 0, 0), box=BOX, pixel=1.5):

@@ -60,3 +60,17 @@ def test_bench_reports_a_floor_below_the_measured_time():
     assert floor["work"]["particles"] == 600 and floor["ceilings"]["device"].startswith("1 CPU")
     assert floor["measured_s"] == found["median_iteration_s"]
     assert floor["measured_over_floor"] > 1  # nothing runs faster than its primitives allow
+
+
+def test_bench_data_is_made_once_and_reused(tmp_path):
+    """`dva bench --data`: the dataset is made in the folder, reused for the same size (the stack
+    not written again) and made again for another."""
+    from dva.engine.bench import dataset
+
+    sim, store = dataset(tmp_path, 300, 32, None)
+    stack = sim / "particles.mrcs"
+    first = stack.stat().st_mtime_ns
+    assert dataset(tmp_path, 300, 32, None) == (sim, store) and stack.stat().st_mtime_ns == first
+    dataset(tmp_path, 200, 32, None)
+    assert stack.stat().st_size < 300 * 32 * 32 * 4  # the 200-particle stack replaced it
+    assert (store / "zarr.json").exists() or (store / ".zgroup").exists()

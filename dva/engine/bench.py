@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import resource
+import shutil
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,7 @@ import numpy as np
 from dva.engine.cluster import connect
 from dva.engine.floor import H100, floor_report, measure_cpu_ceilings
 from dva.engine.loop import RunParams, run_3dva
+from dva.io.atomic import atomic_path
 from dva.io.star import read_star
 from dva.io.store import import_particles
 from dva.sim.simulate import simulate_dataset
@@ -28,6 +32,25 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def dataset(folder: Path, particles: int, box: int, chunk_size: int | None) -> tuple[Path, Path]:
+    """The simulated dataset (`sim/`) and its imported store (`s.zarr`) in `folder`, made there
+    unless a finished pair for the same particles, box and chunk size already is (`bench.json`,
+    written last): a resident and a streamed run, or runs on other clusters, share one dataset."""
+    key = {"particles": particles, "box": box, "chunk_size": chunk_size, "seed": 0}
+    marker, sim, store = folder / "bench.json", folder / "sim", folder / "s.zarr"
+    if marker.exists() and json.loads(marker.read_text()) == key:
+        return sim, store
+    marker.unlink(missing_ok=True)
+    for made in (sim, store):  # a half-made or other dataset of ours
+        shutil.rmtree(made, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    simulate_dataset(sim, "small", particles=particles, box=box, seed=0)
+    import_particles(read_star(sim / "particles.star"), store, chunk_size=chunk_size)
+    with atomic_path(marker) as tmp:
+        tmp.write_text(json.dumps(key))
+    return sim, store
+
+
 def bench(
     particles: int,
     box: int,
@@ -39,20 +62,25 @@ def bench(
     iterations: int = 3,
     scheduler: str | None = None,
     streamed: bool = False,
+    data: Path | None = None,
 ) -> dict:
     """Per-iteration times, particles per second per iteration, peak memory per worker, and the
-    floor model (`dva.engine.floor`) at the backend's ceilings; `streamed` keeps no chunk resident."""
-    with tempfile.TemporaryDirectory(prefix="dva-bench-") as tmp:
-        tmp = Path(tmp)
+    floor model (`dva.engine.floor`) at the backend's ceilings; `streamed` keeps no chunk resident.
+    The dataset is made in a temporary folder, or kept in and reused from `data` (`dataset`)."""
+    with ExitStack() as stack:
+        folder = (
+            Path(data)
+            if data is not None
+            else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dva-bench-")))
+        )
         t0 = time.perf_counter()
-        sim = simulate_dataset(tmp / "sim", "small", particles=particles, box=box, seed=0)
-        import_particles(read_star(sim / "particles.star"), tmp / "s.zarr", chunk_size=chunk_size)
+        sim, store = dataset(folder, particles, box, chunk_size)
         prepare_s = time.perf_counter() - t0
         pixel = float(read_star(sim / "particles.star")["pixel_size_A"][0])
         cluster = connect(scheduler, workers=workers, gpus=gpus)
         try:
             params = RunParams(filter_res_A=4 * pixel, modes=modes, iterations=iterations)
-            result = run_3dva(tmp / "s.zarr", sim / "mask.mrc", params, cluster, resident_bytes=0 if streamed else None)
+            result = run_3dva(store, sim / "mask.mrc", params, cluster, resident_bytes=0 if streamed else None)
             peaks = cluster.client.run(_peak_rss_mb)
             n_workers = len(peaks)
         finally:

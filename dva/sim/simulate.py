@@ -8,7 +8,10 @@ astigmatism) is applied in Fourier space and white Gaussian noise is added at th
 
 from __future__ import annotations
 
+import os
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -88,12 +91,13 @@ CTF_CONSTANTS = {"voltage_kV": 300.0, "cs_mm": 2.7, "amp_contrast": 0.1}
 
 
 def clean_images(phantom, d: Draws, rows: slice) -> np.ndarray:
-    """CTF-modulated noiseless images `(n, D, D)` float32 for particles `rows`."""
+    """CTF-modulated noiseless images `(n, D, D)` float32 for particles `rows` (the CTF applied on
+    the `rfft2` half-plane in float32: the CTF is even, `ctf(−k) = ctf(k)`)."""
     centres, amplitude = blob_state(phantom, d.latent[rows], d.present[rows])
     proj = project_blobs(
         centres, phantom.sigma_A, amplitude, d.rotation[rows], d.shift_px[rows], phantom.box, phantom.pixel_size_A
     )
-    ky, kx = frequency_grid_2d(phantom.box, phantom.pixel_size_A)
+    ky, kx = frequency_grid_2d(phantom.box, phantom.pixel_size_A, rfft=True)
     ctf = ctf_2d(
         ky,
         kx,
@@ -101,9 +105,33 @@ def clean_images(phantom, d: Draws, rows: slice) -> np.ndarray:
         defocus_v_A=d.defocus_v_A[rows, None, None],
         defocus_angle_rad=d.defocus_angle_rad[rows, None, None],
         **CTF_CONSTANTS,
-    )
-    f = np.fft.fft2(np.fft.ifftshift(proj, axes=(-2, -1)))
-    return np.fft.fftshift(np.fft.ifft2(f * ctf).real, axes=(-2, -1)).astype(np.float32)
+    ).astype(np.float32)
+    f = np.fft.rfft2(np.fft.ifftshift(proj.astype(np.float32), axes=(-2, -1)))
+    return np.fft.fftshift(np.fft.irfft2(f * ctf, s=proj.shape[-2:]), axes=(-2, -1)).astype(np.float32)
+
+
+def noisy_images(phantom, d: Draws, rows: slice, sigma: float, seed: int) -> np.ndarray:
+    """`clean_images` plus white Gaussian noise of standard deviation `sigma`, drawn from a stream
+    of its own for each batch (`[seed, 1, first row]`): the same dataset however the batches are
+    spread over threads."""
+    clean = clean_images(phantom, d, rows)
+    noise = np.random.default_rng([seed, 1, rows.start]).standard_normal(clean.shape, dtype=np.float32)
+    return clean + np.float32(sigma) * noise
+
+
+def _batches(phantom, d: Draws, n: int, sigma: float, seed: int) -> Iterator[np.ndarray]:
+    """The noisy images in order, `BATCH` at a time, made by one thread per core (NumPy's FFTs,
+    ufuncs and generators release the GIL), at most `2 × cores` batches in flight."""
+    rows = [slice(start, min(start + BATCH, n)) for start in range(0, n, BATCH)]
+    cores = max(1, min(len(rows), os.cpu_count() or 1))
+    with ThreadPoolExecutor(cores) as pool:
+        pending: deque = deque()
+        for part in rows:
+            pending.append(pool.submit(noisy_images, phantom, d, part, sigma, seed))
+            if len(pending) >= 2 * cores:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def simulate_dataset(
@@ -138,15 +166,12 @@ def simulate_dataset(
     d = draw(n, p.box, rng)
     signal_var = float(clean_images(phantom, d, slice(0, min(n, 256))).var(axis=(1, 2)).mean())
     sigma = np.sqrt(signal_var / snr)
-    noise_rng = np.random.default_rng([seed, 1])
 
     def batches() -> Iterator[np.ndarray]:
-        for start in range(0, n, BATCH):
-            rows = slice(start, min(start + BATCH, n))
-            clean = clean_images(phantom, d, rows)
-            yield clean + (sigma * noise_rng.standard_normal(clean.shape)).astype(np.float32)
+        for images in _batches(phantom, d, n, sigma, seed):
+            yield images
             if progress is not None:
-                progress(len(clean))
+                progress(len(images))
 
     stack = out / "particles.mrcs"
     write_stack(stack, (n, p.box, p.box), batches(), p.pixel_size_A)
