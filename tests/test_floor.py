@@ -71,6 +71,7 @@ def test_bench_data_is_made_once_and_reused(tmp_path):
     stack = sim / "particles.mrcs"
     first = stack.stat().st_mtime_ns
     assert dataset(tmp_path, 300, 32, None) == (sim, store) and stack.stat().st_mtime_ns == first
+    assert not (sim / "truth").exists()  # a benchmark needs no true volumes
     dataset(tmp_path, 200, 32, None)
     assert stack.stat().st_size < 300 * 32 * 32 * 4  # the 200-particle stack replaced it
     assert (store / "zarr.json").exists() or (store / ".zgroup").exists()

@@ -44,7 +44,7 @@ def dataset(folder: Path, particles: int, box: int, chunk_size: int | None) -> t
     for made in (sim, store):  # a half-made or other dataset of ours
         shutil.rmtree(made, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
-    simulate_dataset(sim, "small", particles=particles, box=box, seed=0)
+    simulate_dataset(sim, "small", particles=particles, box=box, seed=0, truth=False)
     import_particles(read_star(sim / "particles.star"), store, chunk_size=chunk_size)
     with atomic_path(marker) as tmp:
         tmp.write_text(json.dumps(key))
