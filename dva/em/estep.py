@@ -75,7 +75,7 @@ def estep_sums(order, shared: tuple, xp: ModuleType = np) -> tuple:
 def estep_insert(order, shared: tuple, band: Band, alpha, z, sums, xp: ModuleType = np):
     """Second pass, per particle in `order`, with the slices gathered again: the residual power per
     shell `(n, shells)` (`|yᵢ − αᵢ(s_i0 + Σ z_ik s_ik)|²`, both halves counted) returned, and, when
-    `sums (D³, C)` float64 has rows, the M-step channels of each component pixel inserted into it:
+    `sums (half_rows, C)` float64 has rows, the M-step channels of each component pixel inserted into it:
     K(K+1)/2 of `c²·W/2·α²z_a z_b` (a ≤ b, `pair_index`), then `c·W/2·Re(r)·αz_a` and
     `c·W/2·Im(r)·αz_a` per mode a, with r = y − α s_0 (W/2: each sample stands for itself and its
     mate, `complete_plane`)."""
@@ -112,7 +112,8 @@ def em_statistics(
     `z (n, K)`, `alpha (n,)`, `zsum` (Σ_i z_i), `zcov` (Σ_i (G_i + ridge)⁻¹/α_i², the noise
     covariance of the coordinates summed), `objective` (Σ W|residual|²), `baseline` (the same after the
     mean alone, so `1 − objective/baseline` is the fraction the components explain), `power`/`count` per shell of the
-    residual and, with `statistics`, `G (D³, K(K+1)/2)` and `b (D³, 2K)` (re, im per mode) in float64,
+    residual and, with `statistics`, `G (half_rows, K(K+1)/2)` and `b (half_rows, 2K)` (re, im per mode) in float64
+    on the half spectra (`dva.ops.slice`),
     voxel-major (each voxel's channels side by side, as the insertion adds them).
 
     Two passes of one compiled kernel each over all the chunk's particles, in an order of nearby

@@ -77,8 +77,9 @@ def gridding_correction(box: int, xp: ModuleType = np):
 
 
 def gather(volumes, index, weights, xp: ModuleType = np):
-    """Trilinear samples `(m, C)` of flattened volumes `(D³, C)` at a stencil `(m, 8)` from
-    `slice_stencil` (real or complex volumes; the result has their dtype)."""
+    """Trilinear samples `(m, C)` of flattened volumes `(V, C)` at a stencil `(m, 8)` of indices into
+    their rows (real or complex volumes; the result has their dtype; no conjugation: for the half
+    spectra apply `slice_stencil`'s signs to the imaginary parts)."""
     real = xp.ascontiguousarray(volumes).view(volumes.real.dtype)  # complex: re, im side by side
     if xp is np:
         from dva.ops.cpu import gather_cpu
@@ -93,12 +94,12 @@ def gather(volumes, index, weights, xp: ModuleType = np):
 
 def insert(values, index, weights, out, xp: ModuleType = np):
     """Adjoint of `gather` for real channels: add values `(m, C)` into voxel-major volumes
-    `out (D³, C)` (float64), in place, with no temporary the size of `out`.
+    `out (V, C)` (float64), in place, with no temporary the size of `out`.
 
     `out` is a local accumulator and is modified in place; it is also returned.
     """
     if out.dtype != np.float64 or not out.flags.c_contiguous:
-        raise ValueError("insert: out must be a C-contiguous float64 (D³, C) array")
+        raise ValueError("insert: out must be a C-contiguous float64 (V, C) array")
     if xp is np:
         from dva.ops.cpu import insert_cpu
 
