@@ -105,3 +105,14 @@ def test_the_pass_reports_particles_in_the_chunks_order():
     np.testing.assert_allclose(second["alpha"], first["alpha"][perm], rtol=1e-6)
     for key in ("G", "b"):
         np.testing.assert_allclose(second[key], first[key], rtol=1e-6, atol=1e-9 * np.abs(first[key]).max())
+
+
+def test_coordinates_alone_skip_the_second_pass_and_agree():
+    """`statistics=False` (the final coordinates pass): the same z, α, noise covariance and
+    baseline as the whole pass, bit for bit, and none of the second pass's sums."""
+    box = 32
+    chunk, model, band, _ = _pass_inputs(box, band_filter(box, 2.0, 12.0, 1.5, None, 8.0), np.random.default_rng(7))
+    whole, alone = em_statistics(chunk, model, band), em_statistics(chunk, model, band, statistics=False)
+    for key in ("z", "alpha", "zcov", "zsum", "baseline"):
+        np.testing.assert_array_equal(alone[key], whole[key])
+    assert not {"G", "b", "power", "objective"} & set(alone)

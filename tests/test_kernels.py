@@ -51,10 +51,10 @@ extern "C" void run_estep_sums(const long long* o, const double* r, const float*
                                           segments)) }
 extern "C" void run_estep_insert(const long long* o, const double* r, const float* y, const float* c, const float* v,
     const double* kx, const double* ky, const double* w, const int* shell, const double* m, int box, int lo, int hi,
-    double sign, const double* alpha, const double* z, double* power, double* sums, int statistics,
+    double sign, const double* alpha, const double* z, double* power, double* sums,
     long long particles, int pixels, int shells, int segments) {
     GRID(particles * segments, estep_insert(o, r, y, c, v, kx, ky, w, shell, m, box, lo, hi, sign, alpha, z, power,
-                                            sums, statistics, particles, pixels, shells, segments)) }
+                                            sums, particles, pixels, shells, segments)) }
 #endif
 """
 

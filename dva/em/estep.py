@@ -74,11 +74,15 @@ def estep_sums(order, shared: tuple, xp: ModuleType = np) -> tuple:
 
 def estep_insert(order, shared: tuple, band: Band, alpha, z, sums, xp: ModuleType = np):
     """Second pass, per particle in `order`, with the slices gathered again: the residual power per
-    shell `(n, shells)` (`|yᵢ − αᵢ(s_i0 + Σ z_ik s_ik)|²`, both halves counted) returned, and, when
-    `sums (half_rows, C)` float64 has rows, the M-step channels of each component pixel inserted into it:
+    shell `(n, shells)` (`|yᵢ − αᵢ(s_i0 + Σ z_ik s_ik)|²`, both halves counted) returned, and the
+    M-step channels of each component pixel inserted into `sums (half_rows, C)` float64:
     K(K+1)/2 of `c²·W/2·α²z_a z_b` (a ≤ b, `pair_index`), then `c·W/2·Re(r)·αz_a` and
     `c·W/2·Im(r)·αz_a` per mode a, with r = y − α s_0 (W/2: each sample stands for itself and its
     mate, `complete_plane`)."""
+    if sums.shape[0] != half_rows(band.box):  # the kernels do not check their indices
+        raise ValueError(
+            f"sums have {sums.shape[0]} rows, not the {half_rows(band.box)} of box {band.box}'s half spectra"
+        )
     n = len(alpha)
     power = xp.zeros((n, band.shells))
     arguments = (
@@ -110,14 +114,14 @@ def em_statistics(
 
     `keep (n,)` bool restricts everything to those particles. Returns `particles` (how many),
     `z (n, K)`, `alpha (n,)`, `zsum` (Σ_i z_i), `zcov` (Σ_i (G_i + ridge)⁻¹/α_i², the noise
-    covariance of the coordinates summed), `objective` (Σ W|residual|²), `baseline` (the same after the
-    mean alone, so `1 − objective/baseline` is the fraction the components explain), `power`/`count` per shell of the
-    residual and, with `statistics`, `G (half_rows, K(K+1)/2)` and `b (half_rows, 2K)` (re, im per mode) in float64
-    on the half spectra (`dva.ops.slice`),
+    covariance of the coordinates summed), `baseline` (Σ W|residual|² after the mean alone) and, with
+    `statistics`, `objective` (the same after the components too, so `1 − objective/baseline` is the
+    fraction they explain), `power`/`count` per shell of the residual and `G (half_rows, K(K+1)/2)`
+    and `b (half_rows, 2K)` (re, im per mode) in float64 on the half spectra (`dva.ops.slice`),
     voxel-major (each voxel's channels side by side, as the insertion adds them).
 
-    Two passes of one compiled kernel each over all the chunk's particles, in an order of nearby
-    slice planes (cache locality), with the small per-particle solves between them.
+    One compiled kernel's pass over all the chunk's particles, in an order of nearby slice planes
+    (cache locality), then the small per-particle solves and, with `statistics`, a second pass.
     """
     if keep is not None:  # only these particles (a half-set)
         chosen = xp.flatnonzero(xp.asarray(keep))
@@ -152,8 +156,6 @@ def em_statistics(
     bvec = proj[:, 1:] - alpha[:, None] * gram[:, 1:, 0]  # Re(S_iᴴ W r_i), r_i = y_i − α_i s_i0
     inverse = xp.linalg.inv(g + ridge)
     z = xp.einsum("nkl,nl->nk", inverse, bvec) / alpha[:, None]
-    sums = xp.zeros((half_rows(band.box) if statistics else 0, len(pairs) + 2 * k))
-    power = estep_insert(order, shared, band, alpha, z, sums, xp).sum(0)
     out = {
         "particles": n,
         "z": z,
@@ -161,11 +163,12 @@ def em_statistics(
         "zsum": z.sum(0),
         "zcov": (inverse / (alpha**2)[:, None, None]).sum(0),
         "alpha_moments": alpha_moments,
-        "objective": float((power * model.noise_inverse).sum()),  # Σ W|residual|², W = 1/σ² · multiplicity
         "baseline": float((data - 2 * alpha * proj[:, 0] + alpha**2 * gram[:, 0, 0]).sum()),  # Σ W|r|²
-        "power": power,
-        "count": band.shell_counts(n, xp),
     }
     if statistics:
+        sums = xp.zeros((half_rows(band.box), len(pairs) + 2 * k))
+        power = estep_insert(order, shared, band, alpha, z, sums, xp).sum(0)
+        out["objective"] = float((power * model.noise_inverse).sum())  # Σ W|residual|², W = 1/σ² · multiplicity
+        out["power"], out["count"] = power, band.shell_counts(n, xp)
         out["G"], out["b"] = sums[:, : len(pairs)], sums[:, len(pairs) :]
     return out

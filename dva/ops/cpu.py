@@ -190,7 +190,6 @@ def _estep_insert(modes: int):
         za = numba.carray(_stack(modes, np.float64), (modes,))
         zz = numba.carray(_stack(pairs, np.float64), (pairs,))  # α²z_a z_b, a ≤ b
         v = numba.carray(_stack(channels, np.float64), (channels,))
-        statistics = sums.shape[0] > 0
         for i in order:
             r = rotations[i]
             for a in range(modes):
@@ -217,18 +216,17 @@ def _estep_insert(modes: int):
                         er -= za[a] * (c * s[2 * a + 2])
                         ei -= za[a] * (c * s[2 * a + 3])
                     power[i, shell[q]] += multiplicity[q] * (er * er + ei * ei)
-                    if statistics:
-                        cw = c * (weight[q] / 2)
-                        gg, re, im = c * cw, cw * rr, cw * (mate * ri)  # conjugate at the mirror
-                        for k in range(pairs):
-                            v[k] = gg * zz[k]
-                        for a in range(modes):
-                            v[pairs + 2 * a] = re * za[a]
-                            v[pairs + 2 * a + 1] = im * za[a]
-                        for j in range(8):
-                            w = np.float64(w8[j])
-                            for ch in range(channels):
-                                sums[index[j], ch] += w * v[ch]
+                    cw = c * (weight[q] / 2)
+                    gg, re, im = c * cw, cw * rr, cw * (mate * ri)  # conjugate at the mirror
+                    for k in range(pairs):
+                        v[k] = gg * zz[k]
+                    for a in range(modes):
+                        v[pairs + 2 * a] = re * za[a]
+                        v[pairs + 2 * a + 1] = im * za[a]
+                    for j in range(8):
+                        w = np.float64(w8[j])
+                        for ch in range(channels):
+                            sums[index[j], ch] += w * v[ch]
                 else:
                     sr = si = np.float32(0)
                     for j in range(8):

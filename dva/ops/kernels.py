@@ -212,11 +212,11 @@ extern "C" __global__ void estep_insert(const long long* order, const double* ro
                                         const double* ky, const double* weight, const int* shell,
                                         const double* multiplicity, const int box, const int lo, const int hi,
                                         const double sign, const double* alpha, const double* z, double* power,
-                                        double* sums, const int statistics, const long long particles,
+                                        double* sums, const long long particles,
                                         const int pixels, const int shells, const int segments)
 {
-    // power[i, shell] += multiplicity |y - alpha (s_0 + sum_k z_k s_k)|^2 and, when statistics,
-    // each component pixel's M-step channels inserted into sums (V, CHANNELS): PAIRS of
+    // power[i, shell] += multiplicity |y - alpha (s_0 + sum_k z_k s_k)|^2 and each component pixel's
+    // M-step channels inserted into sums (V, CHANNELS): PAIRS of
     // c^2 W/2 (alpha z_a)(alpha z_b) (a <= b), then c W/2 Re(r) alpha z_a and c W/2 Im(r) alpha z_a
     // per mode, r = y - alpha s_0
     const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -252,7 +252,7 @@ extern "C" __global__ void estep_insert(const long long* order, const double* ro
             }
         }
         atomicAdd(&power[i * shells + shell[q]], multiplicity[q] * (er * er + ei * ei));
-        if (!inner || !statistics) continue;
+        if (!inner) continue;
         const double cw = c * (weight[q] / 2), gg = c * cw, re = cw * rr, im = cw * (mate * ri);  // conjugate at the mirror
         for (int k = 0; k < PAIRS; ++k) v[k] = gg * zz[k];
         for (int a = 0; a < MODES; ++a) {
@@ -365,10 +365,10 @@ def estep_insert_cuda(order, *arguments) -> None:
     there, in order, ending with `z (n, K)`, `power (n, shells)` and `sums`)."""
     import cupy
 
-    z, power, sums = arguments[-3:]
+    z, power = arguments[-3:-1]
     pixels = arguments[1].shape[1]
     parts = segments(len(order), pixels)
-    tail = (cupy.int32(sums.shape[0] > 0), cupy.int64(len(order)), cupy.int32(pixels), cupy.int32(power.shape[1]))
+    tail = (cupy.int64(len(order)), cupy.int32(pixels), cupy.int32(power.shape[1]))
     _run(
         "estep_insert",
         len(order) * parts,
