@@ -54,7 +54,8 @@ P_PRESENT = 0.5  # fraction of particles with the optional subunit
 # (about 2/3 of the variance after a 12 Å filter) and the subunit the second.
 SUBUNIT_CONTRAST = 0.5
 TRUTH_COMPONENTS = 4
-BATCH = 1024
+BATCH = 1024  # images per batch, fewer above box 128 (`_batches`)
+BATCH_PIXELS = 1024 * 128 * 128  # a batch being made peaks at ~33 bytes per pixel: 0.55 GB
 
 
 @dataclass(frozen=True)
@@ -120,15 +121,17 @@ def noisy_images(phantom, d: Draws, rows: slice, sigma: float, seed: int) -> np.
 
 
 def _batches(phantom, d: Draws, n: int, sigma: float, seed: int) -> Iterator[np.ndarray]:
-    """The noisy images in order, `BATCH` at a time, made by one thread per core (NumPy's FFTs,
-    ufuncs and generators release the GIL), at most `2 × cores` batches in flight."""
-    rows = [slice(start, min(start + BATCH, n)) for start in range(0, n, BATCH)]
+    """The noisy images in order, in batches of `BATCH` images or `BATCH_PIXELS` pixels, whichever
+    is fewer, made by one thread per core (NumPy's FFTs, ufuncs and generators release the GIL), at
+    most `cores + 2` batches in flight."""
+    batch = max(1, min(BATCH, BATCH_PIXELS // (phantom.box * phantom.box)))
+    rows = [slice(start, min(start + batch, n)) for start in range(0, n, batch)]
     cores = max(1, min(len(rows), os.cpu_count() or 1))
     with ThreadPoolExecutor(cores) as pool:
         pending: deque = deque()
         for part in rows:
             pending.append(pool.submit(noisy_images, phantom, d, part, sigma, seed))
-            if len(pending) >= 2 * cores:
+            if len(pending) >= cores + 2:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
