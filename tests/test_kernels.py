@@ -45,15 +45,15 @@ extern "C" void run_slice_stencil(const double* r, const double* kx, const doubl
     long long points, int pixels, int box) { GRID(points, slice_stencil(r, kx, ky, i, w, s, points, pixels, box)) }
 #ifdef MODES
 extern "C" void run_estep_sums(const long long* o, const double* r, const float* y, const float* c, const float* v,
-    const double* kx, const double* ky, const double* w, int box, int lo, int hi, double sign, double* out,
-    long long particles, int pixels, int segments) {
-    GRID(particles * segments, estep_sums(o, r, y, c, v, kx, ky, w, box, lo, hi, sign, out, particles, pixels,
+    const double* kx, const double* ky, const double* w, const unsigned char* in, int box, double sign,
+    double* out, long long particles, int pixels, int segments) {
+    GRID(particles * segments, estep_sums(o, r, y, c, v, kx, ky, w, in, box, sign, out, particles, pixels,
                                           segments)) }
 extern "C" void run_estep_insert(const long long* o, const double* r, const float* y, const float* c, const float* v,
-    const double* kx, const double* ky, const double* w, const int* shell, const double* m, int box, int lo, int hi,
-    double sign, const double* alpha, const double* z, double* power, double* sums,
+    const double* kx, const double* ky, const double* w, const unsigned char* in, const int* shell,
+    const double* m, int box, double sign, const double* alpha, const double* z, double* power, double* sums,
     long long particles, int pixels, int shells, int segments) {
-    GRID(particles * segments, estep_insert(o, r, y, c, v, kx, ky, w, shell, m, box, lo, hi, sign, alpha, z, power,
+    GRID(particles * segments, estep_insert(o, r, y, c, v, kx, ky, w, in, shell, m, box, sign, alpha, z, power,
                                             sums, particles, pixels, shells, segments)) }
 #endif
 """
@@ -187,13 +187,11 @@ def _passes_by_direct_sums(chunk, model, full, band, alpha, z):
     einsum, the residual power, and the M-step channels inserted neighbour by neighbour with
     `np.add.at`, then each sample's mirrored conjugate added (`x + sign·mirror(x)`): `(C, D³)`."""
     box, (n, pixels) = band.box, chunk.y.shape
-    lo, hi = model.pixels
+    inner = model.pixels
     index, weights = trilinear_stencil(slice_coordinates(chunk.rotation, band.kx, band.ky, box), box)
     w = weights.astype(np.float64)
     s = np.einsum("mj,mjc->mc", w, full.astype(np.complex128)[index]).reshape(n, pixels, -1)
     s *= chunk.ctf[..., None]
-    inner = np.zeros(pixels, bool)
-    inner[lo:hi] = True
     s[:, ~inner, 1:] = 0
     y = model.data_sign * chunk.y.astype(np.complex128)
     weight = model.noise_inverse[band.shell] * band.multiplicity
@@ -246,7 +244,8 @@ def test_estep_passes_equal_direct_sums(request, kernel, modes):
     spectra = [to_fourier(v) for v in rng.normal(size=(modes + 1, box, box, box))]  # of real volumes
     full = np.stack([f.ravel() for f in spectra], -1).astype(np.complex64)
     half = np.stack([f[..., box // 2 :].ravel() for f in spectra], -1).astype(np.complex64)
-    model = Model(half, rng.uniform(0.5, 2, box // 2), 0.01, "optimal", -1.0, None, (4, pixels - 9))
+    components = rng.random(pixels) < 0.7  # any subset of the band's pixels
+    model = Model(half, rng.uniform(0.5, 2, box // 2), 0.01, "optimal", -1.0, None, components)
     alpha, z = rng.uniform(0.5, 2, n), rng.normal(size=(n, modes))
     gram, proj, data, power, sums = _passes_by_direct_sums(chunk, model, full, band, alpha, z)
 
@@ -313,7 +312,7 @@ def test_the_gpu_code_path_equals_the_numpy_path(gpu_path):
     band = make_band(box)
     pixels = len(band.flat)
     chunk, volumes = _random_chunk(rng, n, pixels, box, modes)
-    model = Model(volumes, np.ones(box // 2), 0.01, "optimal", 1.0, None, (3, pixels - 20))
+    model = Model(volumes, np.ones(box // 2), 0.01, "optimal", 1.0, None, rng.random(pixels) < 0.8)
     on_device = Chunk(*(xp.asarray(a) for a in (chunk.y, chunk.ctf, chunk.rotation, chunk.scale)))
     device_model = replace(model, volumes=xp.asarray(volumes), noise_inverse=xp.asarray(model.noise_inverse))
     device_band = make_band(box, xp)

@@ -29,14 +29,14 @@ def pair_index(k: int) -> list[tuple[int, int]]:
 
 def _kernel_arguments(chunk: Chunk, model: Model, band: Band, xp: ModuleType) -> tuple:
     """The arguments the two passes' kernels share: poses, data, CTFs, volumes (re, im side by
-    side), frequencies, noise weights W `(P,)` (both halves counted), box, the components' pixel
-    range and the data sign."""
+    side), frequencies, noise weights W `(P,)` (both halves counted), the components' pixels
+    `(P,)` uint8, box and the data sign."""
     box = band.box
     if model.volumes.shape[0] != half_rows(box):
         raise ValueError(
             f"volumes have {model.volumes.shape[0]} rows, not the {half_rows(box)} of box {box}'s half spectra"
         )
-    lo, hi = model.pixels or (0, len(band.flat))
+    inner = xp.ones(len(band.flat), xp.uint8) if model.pixels is None else xp.asarray(model.pixels, dtype=xp.uint8)
     volumes = xp.ascontiguousarray(model.volumes, dtype=xp.complex64)
     return (
         xp.ascontiguousarray(chunk.rotation, dtype=xp.float64),
@@ -46,9 +46,8 @@ def _kernel_arguments(chunk: Chunk, model: Model, band: Band, xp: ModuleType) ->
         xp.ascontiguousarray(band.kx, dtype=xp.float64),
         xp.ascontiguousarray(band.ky, dtype=xp.float64),
         xp.ascontiguousarray(model.noise_inverse[band.shell] * band.multiplicity, dtype=xp.float64),
+        inner,
         box,
-        int(lo),
-        int(hi),
         float(model.data_sign),
     )
 
@@ -56,7 +55,7 @@ def _kernel_arguments(chunk: Chunk, model: Model, band: Band, xp: ModuleType) ->
 def estep_sums(order, shared: tuple, xp: ModuleType = np) -> tuple:
     """First pass, per particle in `order`: `Re(SᵢᴴWSᵢ)` `(n, K+1, K+1)`, `Re(SᵢᴴWyᵢ)` `(n, K+1)` and
     `yᵢᴴWyᵢ` `(n,)` in float64, with slices `s_ik = c_i·S_i V_k` gathered on the fly (the mean over
-    the whole band, the components over `[lo, hi)`; `shared` from `_kernel_arguments`). One
+    the whole band, the components over their pixels; `shared` from `_kernel_arguments`). One
     compiled kernel per backend; no stencil or slice stack is stored."""
     width = shared[3].shape[1] // 2
     if xp is np:
@@ -87,10 +86,10 @@ def estep_insert(order, shared: tuple, band: Band, alpha, z, sums, xp: ModuleTyp
     power = xp.zeros((n, band.shells))
     arguments = (
         order,
-        *shared[:7],
+        *shared[:8],
         xp.ascontiguousarray(band.shell, dtype=xp.int32),
         xp.ascontiguousarray(band.multiplicity, dtype=xp.float64),
-        *shared[7:],
+        *shared[8:],
         xp.ascontiguousarray(alpha, dtype=xp.float64),
         xp.ascontiguousarray(z, dtype=xp.float64),
         power,

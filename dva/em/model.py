@@ -19,9 +19,9 @@ class Model:
     `noise_inverse`: `(shells,)` 1/σ² per shell; `eps`: E-step regulariser; `scale`:
     `optimal`, `input` or `none`; `data_sign`: ±1 applied to the stored images (−1 when the
     run found them black on white); `scale_prior`: mean and variance of the true optimal scales
-    across particles (None: no shrinkage), see `scale_prior`; `pixels`: the range `[lo, hi)` of
-    the band's pixels (`dva.em.chunk.filter_pixels`) where the components are sliced and the M-step
-    statistics inserted (None: all); elsewhere the filtered components count as zero.
+    across particles (None: no shrinkage), see `scale_prior`; `pixels`: `(P,)` bool, the band's
+    pixels (`dva.em.chunk.filter_pixels`) where the components are sliced and the M-step statistics
+    inserted (None: all); elsewhere the filtered components count as zero.
     """
 
     volumes: np.ndarray
@@ -30,7 +30,7 @@ class Model:
     scale: str
     data_sign: float = 1.0
     scale_prior: tuple[float, float] | None = None
-    pixels: tuple[int, int] | None = None
+    pixels: np.ndarray | None = None
 
     @property
     def modes(self) -> int:

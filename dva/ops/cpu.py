@@ -123,7 +123,7 @@ def _estep_sums(modes: int):
     columns, square = 2 * width, width * width
 
     @numba.njit(**JIT)
-    def estep_sums(order, rotations, y, ctf, volumes, kx, ky, weight, box, lo, hi, sign, out):
+    def estep_sums(order, rotations, y, ctf, volumes, kx, ky, weight, inner, box, sign, out):
         index = numba.carray(_stack(8, np.int64), (8,))
         w8 = numba.carray(_stack(8, np.float32), (8,))
         s = numba.carray(_stack(columns, np.float32), (columns,))
@@ -140,7 +140,7 @@ def _estep_sums(modes: int):
                 c, wq = np.float64(ctf[i, q]), weight[q]
                 yr, yi = sign * np.float64(y[i, q].real), sign * np.float64(y[i, q].imag)
                 yy += wq * (yr * yr + yi * yi)
-                if lo <= q < hi:
+                if inner[q]:
                     s[:] = 0
                     for j in range(8):
                         for ch in range(columns):
@@ -182,7 +182,7 @@ def _estep_insert(modes: int):
 
     @numba.njit(**JIT)
     def estep_insert(
-        order, rotations, y, ctf, volumes, kx, ky, weight, shell, multiplicity, box, lo, hi, sign, alpha, z, power, sums
+        order, rotations, y, ctf, volumes, kx, ky, weight, inner, shell, multiplicity, box, sign, alpha, z, power, sums
     ):
         index = numba.carray(_stack(8, np.int64), (8,))
         w8 = numba.carray(_stack(8, np.float32), (8,))
@@ -203,7 +203,7 @@ def _estep_insert(modes: int):
                 mate = _neighbours(r, kx[q], ky[q], box, index, w8)
                 c = np.float64(ctf[i, q])
                 yr, yi = sign * np.float64(y[i, q].real), sign * np.float64(y[i, q].imag)
-                if lo <= q < hi:
+                if inner[q]:
                     s[:] = 0
                     for j in range(8):
                         for ch in range(columns):

@@ -130,7 +130,7 @@ extern "C" __global__ void insert_float64(const double* values, const int* index
 // per-thread arrays below are registers. Thread t works for particle order[t / segments] on its
 // pixels q = t % segments, + segments, ... (a warp reads neighbouring pixels), gathering each
 // pixel's slices from the volumes (V, 2(K+1)) float32 (re, im of V_0..V_K side by side) itself:
-// the components inside [lo, hi), the mean alone elsewhere. No stencil or slice stack is stored.
+// the components on their pixels (inner), the mean alone elsewhere. No stencil or slice stack is stored.
 #define WIDTH (MODES + 1)
 #define COLUMNS (2 * WIDTH)
 #define PAIRS (MODES * (MODES + 1) / 2)
@@ -157,8 +157,8 @@ __device__ void gather_slices(const float* volumes, const int* index, const floa
 
 extern "C" __global__ void estep_sums(const long long* order, const double* rotations, const float* y,
                                       const float* ctf, const float* volumes, const double* kx,
-                                      const double* ky, const double* weight, const int box, const int lo,
-                                      const int hi, const double sign, double* out, const long long particles,
+                                      const double* ky, const double* weight, const unsigned char* inner,
+                                      const int box, const double sign, double* out, const long long particles,
                                       const int pixels, const int segments)
 {
     // out[i, segment] = (Re(S^H W S) (K+1)^2 row-major, Re(S^H W y) (K+1), y^H W y) over the
@@ -179,7 +179,7 @@ extern "C" __global__ void estep_sums(const long long* order, const double* rota
         const double c = (double)ctf[p], wq = weight[q];
         const double yr = sign * (double)y[2 * p], yi = sign * (double)y[2 * p + 1];
         yy += wq * (yr * yr + yi * yi);
-        if (q >= lo && q < hi) {
+        if (inner[q]) {
             gather_slices<COLUMNS>(volumes, index, w8, mate, s);
 #pragma unroll
             for (int a = 0; a < WIDTH; ++a) {
@@ -209,8 +209,8 @@ extern "C" __global__ void estep_sums(const long long* order, const double* rota
 
 extern "C" __global__ void estep_insert(const long long* order, const double* rotations, const float* y,
                                         const float* ctf, const float* volumes, const double* kx,
-                                        const double* ky, const double* weight, const int* shell,
-                                        const double* multiplicity, const int box, const int lo, const int hi,
+                                        const double* ky, const double* weight, const unsigned char* inner,
+                                        const int* shell, const double* multiplicity, const int box,
                                         const double sign, const double* alpha, const double* z, double* power,
                                         double* sums, const long long particles,
                                         const int pixels, const int shells, const int segments)
@@ -237,22 +237,22 @@ extern "C" __global__ void estep_insert(const long long* order, const double* ro
         const long long p = i * pixels + q;
         const double c = (double)ctf[p];
         const double yr = sign * (double)y[2 * p], yi = sign * (double)y[2 * p + 1];
-        const bool inner = q >= lo && q < hi;
-        if (inner) {
+        const bool component = inner[q];
+        if (component) {
             gather_slices<COLUMNS>(volumes, index, w8, mate, s);
         } else {
             gather_slices<2>(volumes, index, w8, mate, s);
         }
         const double rr = yr - scale * (c * (double)s[0]), ri = yi - scale * (c * (double)s[1]);
         double er = rr, ei = ri;
-        if (inner) {
+        if (component) {
             for (int a = 0; a < MODES; ++a) {
                 er -= za[a] * (c * (double)s[2 * a + 2]);
                 ei -= za[a] * (c * (double)s[2 * a + 3]);
             }
         }
         atomicAdd(&power[i * shells + shell[q]], multiplicity[q] * (er * er + ei * ei));
-        if (!inner) continue;
+        if (!component) continue;
         const double cw = c * (weight[q] / 2), gg = c * cw, re = cw * rr, im = cw * (mate * ri);  // conjugate at the mirror
         for (int k = 0; k < PAIRS; ++k) v[k] = gg * zz[k];
         for (int a = 0; a < MODES; ++a) {
