@@ -88,6 +88,19 @@ def _slice_stencil(rotations, kx, ky, box, index, weights, sign):
                 weights[p, j] = w8[j]
 
 
+@numba.njit(inline="always", **JIT)
+def _gather_slices(volumes, index, weights, mate, s, n):
+    # The first n columns (re, im pairs) of the 8 neighbours' rows, weighted, conjugated when
+    # mate < 0: the CUDA `gather_slices`. n is a constant at each call (inlined and unrolled)
+    for ch in range(n):
+        s[ch] = 0
+    for j in range(8):
+        for ch in range(n):
+            s[ch] += weights[j] * volumes[index[j], ch]
+    for ch in range(1, n, 2):
+        s[ch] *= mate
+
+
 @functools.cache
 def _gather(channels: int):
     @numba.njit(**JIT)
@@ -142,27 +155,19 @@ def _estep_sums(modes: int):
                 yr, yi = sign * np.float64(y[i, q].real), sign * np.float64(y[i, q].imag)
                 yy += wq * (yr * yr + yi * yi)
                 if inner[q]:
-                    s[:] = 0
-                    for j in range(8):
-                        for ch in range(columns):
-                            s[ch] += w8[j] * volumes[index[j], ch]
-                    for a in range(width):
-                        d[2 * a] = c * s[2 * a]
-                        d[2 * a + 1] = c * (mate * s[2 * a + 1])  # conjugate at the mirror
+                    _gather_slices(volumes, index, w8, mate, s, columns)
+                    for ch in range(columns):
+                        d[ch] = c * s[ch]
                     for a in range(width):  # the whole square (symmetric): constant-length loops
                         ar, ai = wq * d[2 * a], wq * d[2 * a + 1]
                         b[a] += ar * yr + ai * yi
                         for e in range(width):
                             g[a, e] += ar * d[2 * e] + ai * d[2 * e + 1]
                 else:
-                    sr = si = np.float32(0)
-                    for j in range(8):
-                        sr += w8[j] * volumes[index[j], 0]
-                        si += w8[j] * volumes[index[j], 1]
-                    si *= mate
-                    ar, ai = wq * (c * sr), wq * (c * si)
+                    _gather_slices(volumes, index, w8, mate, s, 2)
+                    ar, ai = wq * (c * s[0]), wq * (c * s[1])
                     b[0] += ar * yr + ai * yi
-                    g[0, 0] += ar * (c * sr) + ai * (c * si)
+                    g[0, 0] += ar * (c * s[0]) + ai * (c * s[1])
             for a in range(width):
                 for e in range(width):
                     out[i, 0, a * width + e] = g[a, e]
@@ -203,12 +208,7 @@ def _estep_insert(modes: int):
                 c = np.float64(ctf[i, q])
                 yr, yi = sign * np.float64(y[i, q].real), sign * np.float64(y[i, q].imag)
                 if inner[q]:
-                    s[:] = 0
-                    for j in range(8):
-                        for ch in range(columns):
-                            s[ch] += w8[j] * volumes[index[j], ch]
-                    for a in range(width):
-                        s[2 * a + 1] *= mate
+                    _gather_slices(volumes, index, w8, mate, s, columns)
                     rr, ri = yr - alpha[i] * (c * s[0]), yi - alpha[i] * (c * s[1])
                     er, ei = rr, ri
                     for a in range(modes):
@@ -227,11 +227,8 @@ def _estep_insert(modes: int):
                         for ch in range(channels):
                             sums[index[j], ch] += w * v[ch]
                 else:
-                    sr = si = np.float32(0)
-                    for j in range(8):
-                        sr += w8[j] * volumes[index[j], 0]
-                        si += w8[j] * volumes[index[j], 1]
-                    rr, ri = yr - alpha[i] * (c * sr), yi - alpha[i] * (c * (mate * si))
+                    _gather_slices(volumes, index, w8, mate, s, 2)
+                    rr, ri = yr - alpha[i] * (c * s[0]), yi - alpha[i] * (c * s[1])
                     power[i, shell[q]] += multiplicity[q] * (rr * rr + ri * ri)
 
     return estep_insert
