@@ -339,7 +339,10 @@ def test_the_gpu_code_path_equals_the_numpy_path(gpu_path):
 
 def test_the_driver_m_step_on_the_gpu_path_equals_numpy(gpu_path):
     """`update_components` (per-voxel solves, mask, filter, Gram–Schmidt, subspace angle) on the
-    driver's GPU module against NumPy, from random statistics that make definite systems."""
+    driver's GPU module against NumPy, from random statistics that make definite systems; and,
+    independently of both, orthonormal components and the angle SciPy's principal angles give."""
+    from scipy.linalg import subspace_angles
+
     from dva.em.mstep import band_filter
     from dva.engine.loop import RunParams, update_components
 
@@ -360,6 +363,10 @@ def test_the_driver_m_step_on_the_gpu_path_equals_numpy(gpu_path):
     assert isinstance(got, np.ndarray)
     np.testing.assert_allclose(got, want, rtol=0, atol=tolerance * np.abs(want).max())
     assert abs(angle - want_angle) < 1e-6 and 1 < want_angle <= 90
+    flat = got.reshape(modes, -1)
+    np.testing.assert_allclose(flat @ flat.T, np.eye(modes), atol=1e-10)
+    reference = np.degrees(subspace_angles(old.reshape(modes, -1).T, flat.T).max())
+    assert abs(angle - reference) < 1e-6
 
 
 def _nvrtc():
