@@ -5,10 +5,12 @@ sums and the NumPy path without a GPU. On a GPU the same end-to-end test runs on
 from __future__ import annotations
 
 import ctypes
+import os
 import shutil
 import subprocess
 import sys
 import types
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -396,3 +398,32 @@ def test_the_cuda_source_compiles_for_the_h100(modes):
     nvrtc.nvrtcGetProgramLog(program, log)
     nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
     assert status == 0, log.value.decode()
+
+
+def test_the_cpu_kernels_run_from_a_read_only_install(tmp_path):
+    """With nowhere to cache compiled kernels (the package folder and the user's cache folder not
+    writable: a shared install run by a user without a home), numba's `cache=True` fails the
+    import; dva then compiles them uncached. Simulated as root: a file where each folder must be."""
+    import dva
+
+    package = tmp_path / "install" / "dva"
+    shutil.copytree(Path(dva.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    (package / "ops" / "__pycache__").write_text("")  # numba's in-tree cache folder cannot be made
+    blocked = tmp_path / "blocked"
+    blocked.write_text("")
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(package.parent),
+        "XDG_CACHE_HOME": str(blocked / "cache"),  # the user-wide folder cannot be made either
+        "HOME": str(blocked),
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    env.pop("NUMBA_CACHE_DIR", None)
+    code = (  # a kernel compiled and run: 2 voxels' 1 channel at weights (0.25, 0.75) -> 2.75
+        f"import numpy as np, dva.ops.cpu as c; assert c.__file__.startswith({str(package)!r}), c.__file__; "
+        "v = np.array([[2.0], [3.0]]); i = np.array([[0, 1] * 4], np.int32); "
+        "w = np.array([[0.25, 0.75] + [0] * 6], np.float32); print(c.JIT['cache'], c.gather_cpu(v, i, w)[0, 0])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "2.75"]

@@ -7,9 +7,9 @@ from the pose, the K+1 slices are gathered there and used at once (no stencil or
 stored). Their per-pixel arrays live on the kernel's stack (`_stack`), where LLVM can keep them in
 registers. Each kernel is compiled once per channel or mode count (a constant in the compiled
 loops, which are then unrolled and vectorised: 2x the speed of the same loop over a run-time
-count) and cached on disk by numba, so a worker pays the compilation (1.5 s for the two E-step
-passes at one K) only on a machine's first run. Loading numba and LLVM adds ~150 MB to a worker's
-memory.
+count) and cached on disk by numba where it can write (`_can_cache`), so a worker pays the
+compilation (1.5 s for the two E-step passes at one K) only on a machine's first run. Loading numba
+and LLVM adds ~150 MB to a worker's memory.
 """
 
 from __future__ import annotations
@@ -22,7 +22,24 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-JIT = {"nogil": True, "boundscheck": False, "cache": True}
+
+def _can_cache() -> bool:
+    """Whether numba finds a folder to cache this module's kernels in (beside it, `NUMBA_CACHE_DIR`,
+    or the user's cache folder). A read-only install run by a user with no writable home (a
+    container run as another user) has none: the kernels are then compiled in every process (a few
+    seconds per worker) rather than failing the import; set `NUMBA_CACHE_DIR` to keep them."""
+
+    def probe() -> None:
+        pass
+
+    try:
+        numba.njit(cache=True)(probe)
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return False
+    return True
+
+
+JIT = {"nogil": True, "boundscheck": False, "cache": _can_cache()}
 
 
 @intrinsic
