@@ -477,6 +477,11 @@ def bench(
         f"median {found['median_iteration_s']:.2f} s per iteration = {found['particles_per_s']:,.0f} particles/s; "
         f"peak memory per worker {', '.join(f'{m:.0f}' for m in found['peak_worker_rss_mb'])} MB"
     )
+    phases = found["phases_s"]
+    print(
+        f"per iteration: workers' passes {phases['passes']:.2f} s, collecting their sums {phases['collect']:.2f} s, "
+        f"driver's M-step {phases['mstep']:.2f} s"
+    )
     floor, work = found["floor"], found["floor"]["work"]
     print(
         f"floor at {floor['ceilings']['device']}: {work['band_pixels']:,} band pixels per image; per iteration "

@@ -60,6 +60,9 @@ def test_bench_reports_a_floor_below_the_measured_time():
     assert floor["work"]["particles"] == 600 and floor["ceilings"]["device"].startswith("1 CPU")
     assert floor["measured_s"] == found["median_iteration_s"]
     assert floor["measured_over_floor"] > 1  # nothing runs faster than its primitives allow
+    phases = found["phases_s"]
+    assert all(v > 0 for v in phases.values())
+    assert sum(phases.values()) <= max(found["iteration_s"])  # parts of an iteration, none counted twice
 
 
 def test_bench_data_is_made_once_and_reused(tmp_path):

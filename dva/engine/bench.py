@@ -51,6 +51,16 @@ def dataset(folder: Path, particles: int, box: int, chunk_size: int | None) -> t
     return sim, store
 
 
+def _phases(metrics: list[dict]) -> dict:
+    """Median seconds per iteration of its parts: the workers' passes (with the model built and sent
+    to them), collecting their volume-sized sums, and the driver's M-step."""
+    return {
+        "passes": float(np.median([m["pass_s"] - m["collect_s"] for m in metrics])),
+        "collect": float(np.median([m["collect_s"] for m in metrics])),
+        "mstep": float(np.median([m["mstep_s"] for m in metrics])),
+    }
+
+
 def bench(
     particles: int,
     box: int,
@@ -99,6 +109,7 @@ def bench(
         "iteration_s": times,
         "median_iteration_s": median,
         "particles_per_s": particles / median,
+        "phases_s": _phases(result.metrics),
         "mean_pass_s": result.timings["mean_s"],
         "prepare_s": prepare_s,
         "peak_worker_rss_mb": sorted(round(v, 1) for v in peaks.values()),

@@ -294,6 +294,7 @@ def run_3dva(
         E-step's coordinates and scales `(n, K+1)`."""
         t_it = time.perf_counter()
         stats = run_pass(em_partial, state, state.components, keep, total=True)
+        t_pass = time.perf_counter()
         count = int(stats["particles"])
         # Re-centre: a common offset of the coordinates is an error of the mean, not variability;
         # moving it into the mean frees the components for what varies.
@@ -304,6 +305,11 @@ def run_3dva(
             "objective": float(stats["objective"]),
             "explained": 1.0 - float(stats["objective"]) / float(stats["baseline"]),
             "seconds": time.perf_counter() - t_it,
+            # Where the time went: the pass (model built and sent, workers' passes, their sums
+            # collected, `collect_s` of it) and the driver's M-step (per-voxel solves, filters).
+            "pass_s": t_pass - t_it,
+            "collect_s": stats["collect_s"],
+            "mstep_s": time.perf_counter() - t_pass,
         }
         prior = None
         if params.scale == "optimal":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import itertools
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import CancelledError
@@ -61,7 +62,8 @@ class Placement:
     ):
         """`function(chunk, [shared,] *args[, per_task[i]])` over every task: the sum of the results
         (`add_partials` in task order; the volume-sized sums added up on each worker as its tasks
-        finish, see `tasks.held`, then over the workers in a tree) when `total`, else their list.
+        finish, see `tasks.held`, then over the workers in a tree), with `collect_s` (seconds from
+        the last task's result to the summed volume-sized sums here), when `total`; else their list.
         `shared` (the model) goes to every worker once.
 
         A pass that cannot finish (see `settle`), or whose workers' sums do not hold every task
@@ -81,9 +83,10 @@ class Placement:
                     found = client.gather(outs)
                     if not total:
                         return found
+                    t_collect = time.perf_counter()
                     sums = _collect(client, key, len(outs))
                     if sums is not None:
-                        return {**add_partials(*found), **sums}
+                        return {**add_partials(*found), **sums, "collect_s": time.perf_counter() - t_collect}
                 client.cancel(outs)
             except (CancelledError, CommClosedError):
                 pass  # workers were lost with what the pass needed (the scattered model with its holders)
