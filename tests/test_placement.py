@@ -11,6 +11,7 @@ from dva.em.chunk import chunk_bytes_per_particle, make_band
 from dva.engine.cluster import connect
 from dva.engine.loop import RunParams, run_3dva
 from dva.engine.placement import MIN_TASK, deal_tasks
+from dva.engine.tasks import mean_partial
 from dva.io.star import read_star
 from dva.io.store import import_particles
 from dva.sim.simulate import simulate_dataset
@@ -201,6 +202,73 @@ def test_a_chunk_read_ahead_is_the_chunk_read_now_and_is_read_once(store, monkey
     direct = tasks.load_chunk(tasks.ChunkSource(str(store[0]), 300, 400, 32, "numpy"))
     for name in ("y", "ctf", "rotation", "scale"):
         np.testing.assert_array_equal(getattr(chunk, name), getattr(direct, name))
+
+
+def test_reads_reuse_a_buffer_and_each_chunk_keeps_its_own_data(store):
+    """A read's buffer is given back once its chunk is prepared, and the next read fills it again;
+    chunks prepared from it in turn each equal their images read directly from the store."""
+    import zarr
+
+    from dva.em.chunk import make_band, prepare_chunk
+    from dva.engine import tasks
+
+    tasks.drop_read_ahead()
+    sources = [tasks.ChunkSource(str(store[0]), a, a + 100, 32, "numpy") for a in (0, 300, 100)]
+    reads = [tasks.read_chunk(sources[0])]
+    chunks = [tasks._prepare(sources[0], reads[0])]
+    for source in sources[1:]:
+        reads.append(tasks.read_chunk(source))
+        assert reads[-1].buffer is reads[0].buffer  # the same memory, read into again
+        chunks.append(tasks._prepare(source, reads[-1]))
+    images = zarr.open_group(str(store[0]), mode="r")["images"]
+    for source, read, chunk in zip(sources, reads, chunks, strict=True):
+        direct = prepare_chunk(images[source.start : source.stop], read.rows, make_band(32), read.original_box)
+        for name in ("y", "ctf", "rotation", "scale"):
+            np.testing.assert_array_equal(getattr(chunk, name), getattr(direct, name))
+    np.testing.assert_array_equal(reads[-1].images, images[100:200])  # what the buffer holds last
+
+
+def _free_buffers() -> int:
+    from dva.engine import tasks
+
+    return len(tasks._BUFFERS._free)
+
+
+def test_workers_that_stream_nothing_free_their_read_buffers_and_the_others_keep_them(store, cluster):
+    from distributed import wait
+
+    from dva.engine import placement as placement_module
+
+    client = cluster.client
+    for resident_bytes, kept in ((None, False), (0, True)):  # all chunks resident, all streamed
+        placement = placement_module.place_chunks(client, str(store[0]), 600, 100, 32, "numpy", resident_bytes)
+        outs = placement.submit(client, mean_partial, 32, "none", "numpy")
+        wait(outs)
+        assert all(n >= 1 for n in client.run(_free_buffers).values())  # the reads' buffers, given back
+        placement.trim(client)
+        assert all((n >= 1) == kept for n in client.run(_free_buffers).values())
+        placement.release(client)
+        assert set(client.run(_free_buffers).values()) == {0}  # the end of a run
+
+
+def test_the_buffer_pool_gives_the_smallest_fitting_free_buffer_and_keeps_a_few():
+    from dva.engine.buffers import BufferPool
+
+    pool = BufferPool(keep=2)
+    small, large = pool.take(100, pinned=False), pool.take(1000, pinned=False)
+    assert small.nbytes == 100 and large.nbytes == 1000
+    pool.give(large, pinned=False)
+    pool.give(small, pinned=False)
+    assert pool.take(50, pinned=False) is small and pool.take(50, pinned=False) is large
+    assert pool.take(2000, pinned=False).nbytes == 2000  # none large enough: a new one
+    for b in (small, large, np.empty(10, np.uint8)):
+        pool.give(b, pinned=False)
+    assert pool.take(1, pinned=False) is small and pool.take(1, pinned=False) is large  # the largest two kept
+    pool.give(small, pinned=True)  # another kind of memory: not given for unpinned reads
+    assert pool.take(1, pinned=False) is not small
+    pool.give(large, pinned=False)
+    pool.clear()  # the end of a run
+    assert pool.take(1, pinned=False) is not large
 
 
 def test_a_store_written_without_shards_runs_with_tasks_inside_its_chunks(store, cluster, tmp_path):

@@ -254,6 +254,7 @@ def run_3dva(
         state = State(saved.mean, saved.components, saved.noise_inverse, saved.prior)
         data_sign, metrics, start = saved.data_sign, saved.metrics, saved.iteration
     placement.locate(client)
+    placement.trim(client)
     timings = {"mean_s": time.perf_counter() - t0}
 
     def save(iteration: int, coordinates: np.ndarray) -> None:

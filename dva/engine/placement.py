@@ -27,7 +27,7 @@ from distributed.comm.core import CommClosedError
 
 from dva.em.chunk import chunk_bytes_per_particle, make_band
 from dva.engine.reduce import add_partials, tree_sum
-from dva.engine.tasks import ChunkSource, collect_held, drop_read_ahead, held, load_chunk, store_error
+from dva.engine.tasks import ChunkSource, collect_held, end_run, free_buffers, held, load_chunk, store_error
 from dva.errors import DvaClusterError, DvaInputError
 
 MIN_TASK = 64  # fewest particles per task
@@ -131,6 +131,15 @@ class Placement:
             if holding and self.workers[i] not in holding:
                 self.workers[i] = holding[0]
 
+    def trim(self, client: Client) -> None:
+        """Free the read buffers of the workers that stream nothing (their chunks are all resident
+        and loaded: call after a pass)."""
+        streaming = {w for s, w in zip(self.sources, self.workers, strict=True) if not isinstance(s, Future)}
+        idle = sorted(set(self.workers) - streaming)
+        if idle:
+            with contextlib.suppress(Exception):
+                client.run(free_buffers, workers=idle, on_error="ignore")
+
     def settle(self, client: Client, futures: list[Future]) -> bool:
         """Wait for `futures`. False when they cannot finish: one was cancelled (its scattered
         inputs were lost with every worker holding them), or workers its tasks were pinned to have
@@ -178,7 +187,7 @@ class Placement:
     def release(self, client: Client) -> None:
         client.cancel([s for s in self.sources if isinstance(s, Future)])
         with contextlib.suppress(Exception):
-            client.run(drop_read_ahead, on_error="ignore")
+            client.run(end_run, on_error="ignore")
 
 
 def deal_tasks(n: int, chunk: int, workers: int, aligned: bool = True) -> tuple[list[tuple[int, int]], list[int]]:
