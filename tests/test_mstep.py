@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from dva.em.chunk import inside_band_half
 from dva.em.estep import pair_index
 from dva.em.finish import subspace_angle_deg
 from dva.em.mstep import solve_components, solve_spd
 from dva.ops.filters import filter_real, half_spectrum, radius_3d, to_real
-from dva.ops.slice import gridding_correction, half_rows
+from dva.ops.slice import complete_plane, completed_rows, gridding_correction, half_rows
 from tests.conftest import to_host, unfold
 
 
@@ -20,14 +21,31 @@ def test_solve_spd_equals_linalg_solve(xp, k):
     x = rng.normal(size=(m, k, k + 2))
     a = x @ x.transpose(0, 2, 1) + 0.01 * np.eye(k)
     b = rng.normal(size=(m, k, 2))
-    got = solve_spd(xp.asarray(a.transpose(1, 2, 0).copy()), xp.asarray(b.transpose(1, 2, 0).copy()), xp)
+    packed = np.stack([a[:, i, j] for i, j in pair_index(k)])  # the upper triangle, as `G` holds it
+    got = solve_spd(xp.asarray(packed), xp.asarray(b.transpose(1, 2, 0).copy()), xp)
     np.testing.assert_allclose(to_host(got).transpose(2, 0, 1), np.linalg.solve(a, b), rtol=1e-9, atol=1e-12)
 
 
 def test_solve_spd_gives_zero_where_nothing_was_seen():
     """A voxel no sample reached (all-zero system) solves to zero, not NaN."""
-    a, b = np.zeros((3, 3, 4)), np.zeros((3, 2, 4))
-    assert not solve_spd(a, b).any()
+    packed, b = np.zeros((6, 4)), np.zeros((3, 2, 4))
+    assert not solve_spd(packed, b).any()
+
+
+def test_completed_rows_are_those_of_the_completed_volume(xp):
+    """`completed_rows` at the band's rows equals `complete_plane` of the whole volume there, for both
+    signs (the kx = 0 plane gets its mirror's sums; the self-mirrored voxels double or cancel)."""
+    box = 8
+    rng = np.random.default_rng(5)
+    sums = rng.normal(size=(half_rows(box), 3))
+    rows = np.flatnonzero(inside_band_half(box))
+    for sign in (1.0, -1.0):
+        want = complete_plane(sums.T, box, sign)[:, rows]
+        got = completed_rows(xp.asarray(sums), xp.asarray(rows), box, sign, xp)
+        np.testing.assert_array_equal(to_host(got), want)
+    everything = np.arange(half_rows(box))  # off the band too (the self-mirrored voxels at -D/2)
+    got = completed_rows(xp.asarray(sums), xp.asarray(everything), box, -1.0, xp)
+    np.testing.assert_array_equal(to_host(got), complete_plane(sums.T, box, -1.0))
 
 
 def test_subspace_angle_is_the_rotation_between_the_planes(xp):

@@ -10,7 +10,7 @@ from dva.em.chunk import inside_band_half
 from dva.em.estep import pair_index
 from dva.em.mean import shell_mean
 from dva.ops.filters import butterworth_highpass, butterworth_lowpass, filter_real, radius_3d, to_real
-from dva.ops.slice import complete_plane, gridding_correction, half_rows
+from dva.ops.slice import complete_plane, completed_rows, gridding_correction, half_rows
 
 
 def solve_components(stats: dict, box: int, modes: int, lam: float, xp: ModuleType = np) -> np.ndarray:
@@ -19,44 +19,65 @@ def solve_components(stats: dict, box: int, modes: int, lam: float, xp: ModuleTy
     its conjugate), then the gridding correction.
 
     `s` is the mean of tr(G)/K over the voxel's shell, so λ is relative to the data's weight there.
+    Only the voxels inside the band are copied out of the sums, channel-major, and solved in place:
+    at box 256, K=10 the solves need 2.6 GB besides the 5 GB of sums.
     """
     k = modes
-    pairs = pair_index(k)
+    diagonal = [c for c, (a, b) in enumerate(pair_index(k)) if a == b]
     inside = xp.flatnonzero(inside_band_half(box, xp))
-    g = complete_plane(stats["G"].T, box, 1.0, xp)  # (K(K+1)/2, half_rows)
-    scale = shell_mean(sum(g[c] for c, (a, b) in enumerate(pairs) if a == b) / k, box, xp)[inside]
-    channel = np.zeros((k, k), np.int64)  # the channel of G_ab
-    for c, (a, b) in enumerate(pairs):
-        channel[a, b] = channel[b, a] = c
-    lhs = g[:, inside][xp.asarray(channel)]  # (K, K, m)
-    diagonal = xp.arange(k)
-    lhs[diagonal, diagonal] += lam * scale + 1e-30
-    re = complete_plane(stats["b"][:, 0::2].T, box, 1.0, xp)[:, inside]  # (K, m)
-    im = complete_plane(stats["b"][:, 1::2].T, box, -1.0, xp)[:, inside]
-    sol = solve_spd(lhs, xp.stack([re, im], 1), xp)  # (K, 2, m)
-    spectrum = xp.zeros((k, half_rows(box)), dtype=xp.complex128)
-    spectrum[:, inside] = sol[:, 0] + 1j * sol[:, 1]
+    trace = sum(stats["G"][:, c] for c in diagonal) / k
+    scale = shell_mean(complete_plane(trace[None], box, 1.0, xp)[0], box, xp)[inside]
+    systems = completed_rows(stats["G"], inside, box, 1.0, xp)  # (K(K+1)/2, m)
+    for c in diagonal:
+        systems[c] += lam * scale + 1e-30
+    rhs = xp.stack(
+        [
+            completed_rows(stats["b"][:, 0::2], inside, box, 1.0, xp),
+            completed_rows(stats["b"][:, 1::2], inside, box, -1.0, xp),
+        ],
+        1,
+    )  # (K, 2, m): re, im
+    solution = solve_spd(systems, rhs, xp)
     correction = gridding_correction(box, xp)
-    return xp.stack([to_real(s.reshape(box, box, box // 2), xp) / correction for s in spectrum])
+    out = []
+    for re, im in solution:
+        spectrum = xp.zeros(half_rows(box), dtype=xp.complex128)
+        spectrum[inside] = re + 1j * im
+        out.append(to_real(spectrum.reshape(box, box, box // 2), xp) / correction)
+    return xp.stack(out)
 
 
-def solve_spd(a, b, xp: ModuleType = np):
-    """`x = a⁻¹ b` for symmetric positive definite `a (K, K, m)` and `b (K, r, m)`, m systems at once
-    (Cholesky, vectorised over the last axis: 137k 3×3 systems in 14 ms, `linalg.solve` 23 ms). Pivots are floored at 1e-300 (a zero row of `a` gives a zero row of `x`)."""
-    k = a.shape[0]
-    low = xp.zeros_like(a)
+def solve_spd(packed, rhs, xp: ModuleType = np):
+    """`x = a⁻¹ rhs` for m symmetric positive definite K×K systems at once, in place: `packed
+    (K(K+1)/2, m)` holds each a's entries a_ij (i ≤ j, in `pair_index` order) and is overwritten with
+    its Cholesky factor, `rhs (K, r, m)` with x (returned). Vectorised over the last axis; pivots
+    are floored at 1e-300 (an all-zero system gives x = 0)."""
+    k = rhs.shape[0]
+    at = {pair: c for c, pair in enumerate(pair_index(k))}
+
+    def low(i: int, j: int):  # L_ij, i ≥ j: stored where a_ji was
+        return packed[at[j, i]]
+
+    product = xp.empty_like(packed[0])
     for j in range(k):
-        pivot = a[j, j] - (low[j, :j] ** 2).sum(0)
-        low[j, j] = xp.sqrt(xp.maximum(pivot, 1e-300))
+        pivot = low(j, j)
+        for p in range(j):
+            pivot -= xp.multiply(low(j, p), low(j, p), out=product)
+        xp.sqrt(xp.maximum(pivot, 1e-300, out=pivot), out=pivot)
         for i in range(j + 1, k):
-            low[i, j] = (a[i, j] - (low[i, :j] * low[j, :j]).sum(0)) / low[j, j]
-    y = xp.empty_like(b)
-    for i in range(k):  # low · y = b
-        y[i] = (b[i] - (low[i, :i, None] * y[:i]).sum(0)) / low[i, i]
-    x = xp.empty_like(b)
-    for i in reversed(range(k)):  # lowᵀ · x = y
-        x[i] = (y[i] - (low[i + 1 :, i, None] * x[i + 1 :]).sum(0)) / low[i, i]
-    return x
+            entry = low(i, j)
+            for p in range(j):
+                entry -= xp.multiply(low(i, p), low(j, p), out=product)
+            entry /= pivot
+    for i in range(k):  # L y = rhs
+        for p in range(i):
+            rhs[i] -= low(i, p) * rhs[p]
+        rhs[i] /= low(i, i)
+    for i in reversed(range(k)):  # Lᵀ x = y
+        for p in range(i + 1, k):
+            rhs[i] -= low(p, i) * rhs[p]
+        rhs[i] /= low(i, i)
+    return rhs
 
 
 def band_filter(

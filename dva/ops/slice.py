@@ -128,3 +128,22 @@ def complete_plane(channels, box: int, sign: float, xp: ModuleType = np):
     plane = out[..., 0]
     out[..., 0] = plane + sign * mirror(plane, xp, axes=2)
     return out.reshape(len(channels), -1)
+
+
+COPY_ROWS = 16384  # rows that `completed_rows` transposes at a time (its cache)
+
+
+def completed_rows(sums, rows, box: int, sign: float, xp: ModuleType = np):
+    """`complete_plane(sums.T, box, sign)[:, rows]` without completing the whole volume: the channels
+    `(C, len(rows))` of voxel-major sums `(half_rows, C)` at `rows`, those on the kx = 0 plane with
+    `sign`× their mirror's sums added."""
+    out = xp.empty((sums.shape[1], len(rows)), dtype=sums.dtype)
+    for lo in range(0, len(rows), COPY_ROWS):  # in blocks: 0.4 s instead of 1.0-1.4 at box 256 (NumPy)
+        out[:, lo : lo + COPY_ROWS] = sums[rows[lo : lo + COPY_ROWS]].T
+    half = box // 2
+    on_plane = xp.flatnonzero(rows % half == 0)
+    line = rows[on_plane] // half  # z·D + y
+    z, y = line // box, line % box
+    mate = (((box - z) % box) * box + (box - y) % box) * half
+    out[:, on_plane] += sign * sums[mate].T
+    return out
