@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -31,6 +32,10 @@ EMBEDDED = {
     "distributed.worker.memory.pause": False,
     "distributed.scheduler.work-stealing": False,
 }
+# Local workers log only what stops them: at ERROR they printed tracebacks of comms that the
+# driver's exit cut ("failed during get data ... Connection reset by peer") into a stopped run's
+# output; a failed task reaches the driver as its exception, said there in one line.
+WORKER_LOG_LEVEL = logging.CRITICAL
 
 
 @dataclass
@@ -143,7 +148,7 @@ def connect(
                 threads_per_worker=1,
                 memory_limit=memory_limit or "auto",
                 dashboard_address=dashboard,
-                silence_logs=40,
+                silence_logs=WORKER_LOG_LEVEL,
             )
         return Cluster(client=Client(local), backend="cupy", local=local)
     # dask sets MALLOC_TRIM_THRESHOLD_ (64 kB) in workers, which also pins glibc's mmap threshold:
@@ -165,6 +170,6 @@ def connect(
             processes=True,
             memory_limit=memory_limit or "auto",
             dashboard_address=dashboard,
-            silence_logs=40,
+            silence_logs=WORKER_LOG_LEVEL,
         )
     return Cluster(client=Client(local), backend="numpy", local=local)
