@@ -7,7 +7,7 @@ from types import ModuleType
 
 import numpy as np
 
-from dva.ops.filters import half_spectrum, per_volume
+from dva.ops.filters import half_spectrum
 from dva.ops.slice import gridding_correction
 
 
@@ -43,8 +43,8 @@ def fourier_stack(mean: np.ndarray, components: np.ndarray, xp: ModuleType = np)
     them match the volumes' projections."""
     box = mean.shape[0]
     correction = gridding_correction(box, xp)
-    spectra = per_volume(lambda v: half_spectrum(xp.asarray(v) / correction, xp).ravel(), [mean, *components], xp)
-    return xp.stack(spectra, -1).astype(xp.complex64)
+    vols = [mean, *components]
+    return xp.stack([half_spectrum(xp.asarray(v) / correction, xp).ravel() for v in vols], -1).astype(xp.complex64)
 
 
 def scale_prior(moments, n: int) -> tuple[float, float]:

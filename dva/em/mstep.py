@@ -9,7 +9,7 @@ import numpy as np
 from dva.em.chunk import inside_band_half
 from dva.em.estep import pair_index
 from dva.em.mean import shell_mean
-from dva.ops.filters import butterworth_highpass, butterworth_lowpass, filter_real, per_volume, radius_3d, to_real
+from dva.ops.filters import butterworth_highpass, butterworth_lowpass, filter_real, radius_3d, to_real
 from dva.ops.slice import complete_plane, completed_rows, gridding_correction, half_rows
 
 
@@ -39,13 +39,12 @@ def solve_components(stats: dict, box: int, modes: int, lam: float, xp: ModuleTy
     )  # (K, 2, m): re, im
     solution = solve_spd(systems, rhs, xp)
     correction = gridding_correction(box, xp)
-
-    def component(parts) -> np.ndarray:
+    out = []
+    for re, im in solution:
         spectrum = xp.zeros(half_rows(box), dtype=xp.complex128)
-        spectrum[inside] = parts[0] + 1j * parts[1]
-        return to_real(spectrum.reshape(box, box, box // 2), xp) / correction
-
-    return xp.stack(per_volume(component, list(solution), xp))
+        spectrum[inside] = re + 1j * im
+        out.append(to_real(spectrum.reshape(box, box, box // 2), xp) / correction)
+    return xp.stack(out)
 
 
 def solve_spd(packed, rhs, xp: ModuleType = np):
@@ -114,7 +113,7 @@ def gram_schmidt(volumes: np.ndarray, xp: ModuleType = np) -> np.ndarray:
 
 def regularize(components, mask, filt, *, orthonormalize: bool, xp: ModuleType = np):
     """Mask, filter and (optionally) Gram–Schmidt the components."""
-    vols = xp.stack(per_volume(lambda v: filter_real(v * mask, filt, xp), list(components), xp))
+    vols = xp.stack([filter_real(v * mask, filt, xp) for v in components])
     return gram_schmidt(vols, xp) if orthonormalize else vols
 
 

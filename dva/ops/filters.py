@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 
 import numpy as np
-
-VOLUME_THREADS = 8  # most volumes `per_volume` transforms at once (each FFT's temporaries: 0.3-0.5 GB at box 256)
 
 
 def radius_3d(box: int, xp: ModuleType = np):
@@ -52,13 +47,3 @@ def filter_real(volume, filt, xp: ModuleType = np):
     half = xp.fft.ifftshift(filt)[..., : volume.shape[-1] // 2 + 1]
     spectrum = xp.fft.rfftn(xp.fft.ifftshift(volume)) * half
     return xp.fft.fftshift(xp.fft.irfftn(spectrum, s=volume.shape, axes=(0, 1, 2)))
-
-
-def per_volume(function: Callable, volumes, xp: ModuleType = np) -> list:
-    """`[function(v) for v in volumes]`; with NumPy in up to `VOLUME_THREADS` threads (its FFTs
-    release the GIL: the driver's 4 filters at box 128 took 0.09-0.18 s instead of 0.22-0.34 on 2
-    cores). CuPy queues its transforms on one device anyway."""
-    if xp is not np or len(volumes) < 2:
-        return [function(v) for v in volumes]
-    with ThreadPoolExecutor(min(len(volumes), os.cpu_count() or 1, VOLUME_THREADS)) as pool:
-        return list(pool.map(function, volumes))
