@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from dva.em.chunk import chunk_bytes_per_particle, make_band
 from dva.engine.cluster import connect
 from dva.engine.loop import RunParams, run_3dva
 from dva.engine.placement import MIN_TASK, deal_tasks
-from dva.engine.tasks import mean_partial
+from dva.engine.tasks import READ_AHEAD, mean_partial
 from dva.io.star import read_star
 from dva.io.store import import_particles
 from dva.sim.simulate import simulate_dataset
@@ -177,12 +178,19 @@ def test_each_worker_reads_its_next_streamed_chunk_ahead(store, cluster):
         streamed = [i for i in mine if not isinstance(placement.sources[i], Future)]
         assert len(mine) == 4 and len(streamed) == 1  # four tasks of 75 particles, three resident
         only = placement.sources[streamed[0]]
-        assert only.following == (only.start, only.stop)  # one streamed chunk: itself, for the next pass
+        assert only.following == ((only.start, only.stop),)  # one streamed chunk: itself, for the next pass
     placement.release(cluster.client)
     streamed = placement_module.place_chunks(cluster.client, str(store[0]), 600, 100, 32, "numpy", 0)
+    assert max(READ_AHEAD.values()) == 3
     for worker in set(streamed.workers):
-        mine = [s for s, w in zip(streamed.sources, streamed.workers, strict=True) if w == worker]
-        assert [s.following for s in mine] == [(s.start, s.stop) for s in mine[1:] + mine[:1]]
+        mine = [
+            (s.start, s.stop, s.following)
+            for s, w in zip(streamed.sources, streamed.workers, strict=True)
+            if w == worker
+        ]
+        assert len(mine) == 4  # (0, 100) (100, 150) (150, 200) (200, 300) and the same from 300
+        a, b, c, d = ((start, stop) for start, stop, _ in mine)
+        assert [following for _, _, following in mine] == [(b, c, d), (c, d, a), (d, a, b), (a, b, c)]
 
 
 def test_a_chunk_read_ahead_is_the_chunk_read_now_and_is_read_once(store, monkeypatch):
@@ -191,8 +199,8 @@ def test_a_chunk_read_ahead_is_the_chunk_read_now_and_is_read_once(store, monkey
     reads = []
     read = tasks.read_chunk
     monkeypatch.setattr(tasks, "read_chunk", lambda source: reads.append(source.start) or read(source))
-    first = tasks.ChunkSource(str(store[0]), 0, 100, 32, "numpy", following=(300, 400))
-    second = tasks.ChunkSource(str(store[0]), 300, 400, 32, "numpy", following=(0, 100))
+    first = tasks.ChunkSource(str(store[0]), 0, 100, 32, "numpy", following=((300, 400),))
+    second = tasks.ChunkSource(str(store[0]), 300, 400, 32, "numpy", following=((0, 100),))
     tasks._resolve(first)
     chunk = tasks._resolve(second)  # taken from the read ahead
     ahead = [source.start for source in tasks._AHEAD]
@@ -202,6 +210,33 @@ def test_a_chunk_read_ahead_is_the_chunk_read_now_and_is_read_once(store, monkey
     direct = tasks.load_chunk(tasks.ChunkSource(str(store[0]), 300, 400, 32, "numpy"))
     for name in ("y", "ctf", "rotation", "scale"):
         np.testing.assert_array_equal(getattr(chunk, name), getattr(direct, name))
+
+
+def test_several_chunks_are_read_ahead_each_once_a_pass(store, monkeypatch):
+    """Two ranges ahead: each task's chunk comes from the reads ahead (read once), the ones after it
+    are read meanwhile, and the last task reads the first two ahead for the next pass."""
+    from dva.engine import tasks
+
+    tasks.drop_read_ahead()
+    monkeypatch.setitem(tasks.READ_AHEAD, "numpy", 2)
+    reads = []
+    read = tasks.read_chunk
+    monkeypatch.setattr(tasks, "read_chunk", lambda source: reads.append(source.start) or read(source))
+    ranges = [(0, 100), (100, 200), (300, 400)]
+    sources = [
+        tasks.ChunkSource(str(store[0]), a, b, 32, "numpy", following=(ranges[(n + 1) % 3], ranges[(n + 2) % 3]))
+        for n, (a, b) in enumerate(ranges)
+    ]
+    chunks = [tasks._resolve(source) for source in sources]
+    for pending in list(tasks._AHEAD.values()):
+        pending.result()  # the next pass's reads ahead, done
+    ahead = sorted(source.start for source in tasks._AHEAD)
+    tasks.drop_read_ahead()
+    assert ahead == [0, 100]
+    assert sorted(reads) == [0, 0, 100, 100, 300]  # this pass: each once (0 now, the others ahead)
+    for source, chunk in zip(sources, chunks, strict=True):
+        direct = tasks.load_chunk(replace(source, following=()))
+        np.testing.assert_array_equal(chunk.y, direct.y)
 
 
 def test_reads_reuse_a_buffer_and_each_chunk_keeps_its_own_data(store, xp):

@@ -27,7 +27,16 @@ from distributed.comm.core import CommClosedError
 
 from dva.em.chunk import chunk_bytes_per_particle, make_band
 from dva.engine.reduce import add_partials, tree_sum
-from dva.engine.tasks import ChunkSource, collect_held, end_run, free_buffers, held, load_chunk, store_error
+from dva.engine.tasks import (
+    READ_AHEAD,
+    ChunkSource,
+    collect_held,
+    end_run,
+    free_buffers,
+    held,
+    load_chunk,
+    store_error,
+)
 from dva.errors import DvaClusterError, DvaInputError
 
 MIN_TASK = 64  # fewest particles per task
@@ -173,16 +182,19 @@ class Placement:
         self.link()
 
     def link(self) -> None:
-        """Point each streamed task at the range its worker streams next, to be read ahead while the
-        task works (`tasks.read_ahead`); a worker's last streamed task reads its first, for the next pass."""
+        """Point each streamed task at the ranges its worker streams next (in order, cyclically: a
+        worker's last streamed tasks name its first ones, for the next pass; up to the largest
+        `READ_AHEAD`, each range once), to be read ahead while the task works (`tasks.read_ahead`)."""
         for worker in set(self.workers):
             mine = [
                 i
                 for i, (s, w) in enumerate(zip(self.sources, self.workers, strict=True))
                 if w == worker and not isinstance(s, Future)
             ]
-            for i, j in zip(mine, mine[1:] + mine[:1], strict=True):
-                self.sources[i] = replace(self.chunks[i], following=self.ranges[j])
+            depth = min(len(mine), max(READ_AHEAD.values()))
+            for n, i in enumerate(mine):
+                following = tuple(self.ranges[mine[(n + d) % len(mine)]] for d in range(1, depth + 1))
+                self.sources[i] = replace(self.chunks[i], following=following)
 
     def release(self, client: Client) -> None:
         client.cancel([s for s in self.sources if isinstance(s, Future)])
