@@ -3,8 +3,8 @@
 Reading into a new array pays for its memory's page faults on every read: on the 2-core VM here a
 134 MB chunk of box-128 images was read at 0.2-0.5 GB/s into a new array and at 1.5 GB/s into a
 reused one (the file itself at 2.3 GB/s). A new page-locked array (GPU workers) costs a
-`cudaHostAlloc` as well. A worker keeps up to `KEEP` buffers through a run (the chunk being prepared
-and the one read ahead meanwhile; 128 MB each at the default chunk size).
+`cudaHostAlloc` as well. A worker keeps the buffers of the chunk being prepared and of those read
+ahead meanwhile (`tasks.READ_AHEAD`) through a run, 128 MB each at the default chunk size.
 """
 
 from __future__ import annotations
@@ -13,13 +13,12 @@ import threading
 
 import numpy as np
 
-KEEP = 2  # free buffers a worker keeps (more are left to the garbage collector)
-
 
 class BufferPool:
-    """Flat byte buffers, taken for a read and given back when its images have been used."""
+    """Flat byte buffers, taken for a read and given back when its images have been used; `keep`
+    free ones are kept (more are left to the garbage collector)."""
 
-    def __init__(self, keep: int = KEEP) -> None:
+    def __init__(self, keep: int) -> None:
         self.keep = keep
         self._free: list[tuple[np.ndarray, bool]] = []  # (buffer, page-locked)
         self._lock = threading.Lock()
