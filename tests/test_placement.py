@@ -212,6 +212,51 @@ def test_a_chunk_read_ahead_is_the_chunk_read_now_and_is_read_once(store, monkey
         np.testing.assert_array_equal(getattr(chunk, name), getattr(direct, name))
 
 
+def test_following_names_each_workers_next_selected_ranges():
+    from dva.engine.placement import following
+
+    ranges = [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
+    workers = ["a", "b", "a", "a", "a"]
+    selected = [True, True, True, False, True]  # task 3 not (resident among streamed, or the reverse)
+    assert max(READ_AHEAD.values()) == 3
+    assert following(ranges, workers, selected, cyclic=False) == {0: ((2, 3), (4, 5)), 2: ((4, 5),), 4: (), 1: ()}
+    assert following(ranges, workers, selected, cyclic=True) == {
+        0: ((2, 3), (4, 5), (0, 1)),
+        2: ((4, 5), (0, 1), (2, 3)),
+        4: ((0, 1), (2, 3), (4, 5)),
+        1: ((1, 2),),
+    }
+
+
+def test_loading_resident_chunks_reads_the_next_ones_ahead(store, monkeypatch):
+    """A worker's loads name its next resident ranges: each is read once, the later ones by the
+    read-ahead thread while the one before is prepared."""
+    import threading
+
+    from dva.engine import tasks
+
+    tasks.drop_read_ahead()
+    reads = []
+    read = tasks.read_chunk
+    monkeypatch.setattr(
+        tasks,
+        "read_chunk",
+        lambda source: reads.append((source.start, threading.current_thread().name)) or read(source),
+    )
+    path = str(store[0])
+    first = tasks.load_chunk(tasks.ChunkSource(path, 0, 100, 32, "numpy", following=((300, 400),)))
+    second = tasks.load_chunk(tasks.ChunkSource(path, 300, 400, 32, "numpy"))
+    assert [start for start, _ in reads] == [0, 300]
+    assert not reads[0][1].startswith("dva-read-ahead") and reads[1][1].startswith("dva-read-ahead")
+    assert not tasks._AHEAD
+    for chunk, start in ((first, 0), (second, 300)):
+        direct = tasks._prepare(
+            tasks.ChunkSource(path, start, start + 100, 32, "numpy"),
+            read(tasks.ChunkSource(path, start, start + 100, 32, "numpy")),
+        )
+        np.testing.assert_array_equal(chunk.y, direct.y)
+
+
 def test_several_chunks_are_read_ahead_each_once_a_pass(store, monkeypatch):
     """Two ranges ahead: each task's chunk comes from the reads ahead (read once), the ones after it
     are read meanwhile, and the last task reads the first two ahead for the next pass."""

@@ -182,24 +182,33 @@ class Placement:
         self.link()
 
     def link(self) -> None:
-        """Point each streamed task at the ranges its worker streams next (in order, cyclically: a
-        worker's last streamed tasks name its first ones, for the next pass; up to the largest
-        `READ_AHEAD`, each range once), to be read ahead while the task works (`tasks.read_ahead`)."""
-        for worker in set(self.workers):
-            mine = [
-                i
-                for i, (s, w) in enumerate(zip(self.sources, self.workers, strict=True))
-                if w == worker and not isinstance(s, Future)
-            ]
-            depth = min(len(mine), max(READ_AHEAD.values()))
-            for n, i in enumerate(mine):
-                following = tuple(self.ranges[mine[(n + d) % len(mine)]] for d in range(1, depth + 1))
-                self.sources[i] = replace(self.chunks[i], following=following)
+        """Point each streamed task at the ranges its worker streams next (`following`, cyclic: a
+        worker's last streamed tasks name its first ones, for the next pass), to be read ahead
+        while the task works (`tasks.read_ahead`)."""
+        streamed = [not isinstance(s, Future) for s in self.sources]
+        for i, later in following(self.ranges, self.workers, streamed, cyclic=True).items():
+            self.sources[i] = replace(self.chunks[i], following=later)
 
     def release(self, client: Client) -> None:
         client.cancel([s for s in self.sources if isinstance(s, Future)])
         with contextlib.suppress(Exception):
             client.run(end_run, on_error="ignore")
+
+
+def following(
+    ranges: list[tuple[int, int]], workers: list[str], selected: list[bool], *, cyclic: bool
+) -> dict[int, tuple[tuple[int, int], ...]]:
+    """For each selected task (index), the ranges of the selected tasks its worker runs after it, in
+    order: up to the largest `READ_AHEAD`, each once; `cyclic`: a worker's last tasks continue with
+    its first (the next pass), else they name only those after them."""
+    depth = max(READ_AHEAD.values())
+    out = {}
+    for worker in sorted(set(workers)):
+        mine = [i for i, (w, chosen) in enumerate(zip(workers, selected, strict=True)) if w == worker and chosen]
+        for n, i in enumerate(mine):
+            later = mine[n + 1 :] + (mine[: n + 1] if cyclic else [])
+            out[i] = tuple(ranges[j] for j in later[:depth])
+    return out
 
 
 def deal_tasks(n: int, chunk: int, workers: int, aligned: bool = True) -> tuple[list[tuple[int, int]], list[int]]:
@@ -267,16 +276,18 @@ def place_chunks(
     ranges, owners = deal_tasks(n, chunk, len(addresses), aligned)
     used = dict.fromkeys(addresses, 0)
     chunks = [ChunkSource(store, a, b, box, backend) for a, b in ranges]
-    sources: list[Future | ChunkSource] = []
-    workers = []
-    for (a, b), source, owner in zip(ranges, chunks, owners, strict=True):
-        worker = addresses[owner]
+    workers = [addresses[owner] for owner in owners]
+    resident = []
+    for (a, b), worker in zip(ranges, workers, strict=True):
         budget = budgets.get(worker)
-        if budget is None or used[worker] + (b - a) * per_particle <= budget:
-            used[worker] += (b - a) * per_particle
-            source = _load(client, source, worker)
-        sources.append(source)
-        workers.append(worker)
+        resident.append(budget is None or used[worker] + (b - a) * per_particle <= budget)
+        used[worker] += (b - a) * per_particle if resident[-1] else 0
+    # Each worker loads its resident chunks in order, reading the next ones ahead meanwhile.
+    loads = following(ranges, workers, resident, cyclic=False)
+    sources: list[Future | ChunkSource] = [
+        _load(client, replace(source, following=loads[i]), workers[i]) if resident[i] else source
+        for i, source in enumerate(chunks)
+    ]
     placement = Placement(ranges, chunks, sources, workers)
     placement.link()
     return placement

@@ -94,8 +94,9 @@ def read_chunk(source: ChunkSource) -> Read:
 
 
 def load_chunk(source: ChunkSource) -> Chunk:
-    """Read `source`'s particles on this worker and prepare them."""
-    return _prepare(source, read_chunk(source))
+    """Read `source`'s particles on this worker (or take them from the reads ahead) and prepare
+    them, reading its `following` ranges ahead meanwhile."""
+    return _prepare(source, read_ahead(source))
 
 
 def _prepare(source: ChunkSource, read: Read) -> Chunk:
