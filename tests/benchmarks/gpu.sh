@@ -7,9 +7,11 @@
 # "tests kernels resident streamed" (at most 490 s), fits one call; "box256" is a second one (a
 # fresh machine simulates its data; the streamed stage reuses the resident stage's /tmp/b128).
 #
-# Here first (PyPI reachable): `bash ../shared/gpu/fetch-wheels.sh`, then the wheels of dva's own
-# dependencies that the GPU image lacks (typer, rich, xarray, psutil, numba, llvmlite, scipy,
-# scikit-learn, matplotlib, ... with the device README's `pip download` line into .whl/). Then:
+# Here first (PyPI reachable): `bash ../shared/gpu/fetch-wheels.sh` (dask, distributed, dask-cuda,
+# zarr, mrcfile, starfile and their needs, ~19 MiB). The GPU image already holds dva's other
+# dependencies (numpy, cupy, numba, scipy, pandas, xarray, typer, rich, psutil, scikit-learn,
+# matplotlib, pytest: /work/.library/device/KINDS.md), and dva runs from the checkout (PYTHONPATH).
+# Then:
 #   run(command="bash tests/benchmarks/gpu.sh", carry=[".whl"], timeout_s=600)
 #   run(command="bash tests/benchmarks/gpu.sh box256", carry=[".whl"], timeout_s=240)
 # Results: $OUT/tests.log, $OUT/kernels.jsonl (one line per launch shape), $OUT/bench.jsonl (one
