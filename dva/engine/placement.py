@@ -206,8 +206,8 @@ def following(
     for worker in sorted(set(workers)):
         mine = [i for i, (w, chosen) in enumerate(zip(workers, selected, strict=True)) if w == worker and chosen]
         for n, i in enumerate(mine):
-            later = mine[n + 1 :] + (mine[: n + 1] if cyclic else [])
-            out[i] = tuple(ranges[j] for j in later[:depth])
+            count = min(depth, len(mine)) if cyclic else min(depth, len(mine) - n - 1)
+            out[i] = tuple(ranges[mine[(n + d) % len(mine)]] for d in range(1, count + 1))
     return out
 
 
