@@ -67,12 +67,17 @@ def half_of(full, box: int):
     return full.reshape(len(full), box, box, box)[..., box // 2 :].reshape(len(full), -1)
 
 
+def mirror(volumes, xp=np):
+    """`out[..., i] = volumes[..., D − i]` on the last three axes of centred `(..., D, D, D)` grids:
+    the voxel at −k."""
+    axes = (-3, -2, -1)
+    return xp.roll(xp.flip(volumes, axis=axes), 1, axis=axes)
+
+
 def unfold(half, box: int, sign: float, xp=np):
     """Full-grid channels `(C, D³)` from half-spectrum sums `(C, half_rows)`, written out: the half
     placed at `x ≥ D//2`, then `x + sign·mirror(x)` over all three axes (the reference for
-    `complete_plane` and the half-spectrum solves)."""
-    from dva.ops.slice import mirror
-
+    `complete_plane`, `completed_rows` and the half-spectrum solves)."""
     full = xp.zeros((len(half), box, box, box), dtype=half.dtype)
     full[..., box // 2 :] = half.reshape(len(half), box, box, box // 2)
     return (full + sign * mirror(full, xp)).reshape(len(half), -1)

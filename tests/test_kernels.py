@@ -20,7 +20,7 @@ from dva.em.estep import em_statistics
 from dva.ops import kernels as kernels_module
 from dva.ops.kernels import SOURCE, THREADS
 from dva.ops.rotation import random_rotations
-from dva.ops.slice import mirror
+from tests.conftest import mirror
 from tests.stencil import half_slice_stencil, slice_coordinates, trilinear_stencil
 
 CUDA_ON_CPU = r"""

@@ -11,7 +11,7 @@ from dva.em.finish import subspace_angle_deg
 from dva.em.mstep import solve_components, solve_spd
 from dva.ops.filters import filter_real, half_spectrum, radius_3d, to_real
 from dva.ops.slice import complete_plane, completed_rows, gridding_correction, half_rows
-from tests.conftest import to_host, unfold
+from tests.conftest import half_of, to_host, unfold
 
 
 @pytest.mark.parametrize("k", [1, 3, 6])
@@ -33,19 +33,18 @@ def test_solve_spd_gives_zero_where_nothing_was_seen():
 
 
 def test_completed_rows_are_those_of_the_completed_volume(xp):
-    """`completed_rows` at the band's rows equals `complete_plane` of the whole volume there, for both
-    signs (the kx = 0 plane gets its mirror's sums; the self-mirrored voxels double or cancel)."""
+    """`completed_rows` at the band's rows, and `complete_plane` at every row, equal the half of the
+    full grid written out (`unfold`), for both signs (the kx = 0 plane gets its mirror's sums; the
+    self-mirrored voxels double or cancel)."""
     box = 8
     rng = np.random.default_rng(5)
     sums = rng.normal(size=(half_rows(box), 3))
     rows = np.flatnonzero(inside_band_half(box))
     for sign in (1.0, -1.0):
-        want = complete_plane(sums.T, box, sign)[:, rows]
+        want = half_of(unfold(sums.T, box, sign), box)
         got = completed_rows(xp.asarray(sums), xp.asarray(rows), box, sign, xp)
-        np.testing.assert_array_equal(to_host(got), want)
-    everything = np.arange(half_rows(box))  # off the band too (the self-mirrored voxels at -D/2)
-    got = completed_rows(xp.asarray(sums), xp.asarray(everything), box, -1.0, xp)
-    np.testing.assert_array_equal(to_host(got), complete_plane(sums.T, box, -1.0))
+        np.testing.assert_array_equal(to_host(got), want[:, rows])
+        np.testing.assert_array_equal(to_host(complete_plane(xp.asarray(sums.T), box, sign, xp)), want)
 
 
 def test_subspace_angle_is_the_rotation_between_the_planes(xp):

@@ -111,32 +111,23 @@ def insert(values, index, weights, out, xp: ModuleType = np):
     return out
 
 
-def mirror(volumes, xp: ModuleType = np, axes: int = 3):
-    """`out[..., i] = volumes[..., D − i]` on the last `axes` axes of centred grids: the voxel at −k."""
-    last = tuple(range(-axes, 0))
-    return xp.roll(xp.flip(volumes, axis=last), 1, axis=last)
-
-
 def complete_plane(channels, box: int, sign: float, xp: ModuleType = np):
-    """Sums `(C, half_rows)` inserted into the half spectra, completed: on the kx = 0 plane (its own
-    mirror's half) each voxel also gets its mirror's sum, `x + sign·mirror(x)` over (y, z); elsewhere
-    every sample already sits where it or its conjugate belongs. The result equals the full plane
-    inserted on the full grid, on the half.
+    """Sums `(C, half_rows)` inserted into the half spectra, completed (`completed_rows` at every row):
+    on the kx = 0 plane (its own mirror's half) each voxel also gets `sign`× its mirror's sum;
+    elsewhere every sample already sits where it or its conjugate belongs. The result equals the full
+    plane inserted on the full grid, on the half.
 
     `sign` is +1 for real parts (and real channels) and −1 for imaginary parts."""
-    out = channels.reshape(len(channels), box, box, box // 2).copy()
-    plane = out[..., 0]
-    out[..., 0] = plane + sign * mirror(plane, xp, axes=2)
-    return out.reshape(len(channels), -1)
+    return completed_rows(channels.T, xp.arange(half_rows(box)), box, sign, xp)
 
 
 COPY_ROWS = 16384  # rows that `completed_rows` transposes at a time (its cache)
 
 
 def completed_rows(sums, rows, box: int, sign: float, xp: ModuleType = np):
-    """`complete_plane(sums.T, box, sign)[:, rows]` without completing the whole volume: the channels
-    `(C, len(rows))` of voxel-major sums `(half_rows, C)` at `rows`, those on the kx = 0 plane with
-    `sign`× their mirror's sums added."""
+    """Half-spectrum sums completed at some rows only: the channels `(C, len(rows))` of voxel-major
+    sums `(half_rows, C)` at `rows`, those on the kx = 0 plane with `sign`× the sums of their mirror
+    `(−z, −y)` added (`complete_plane` at every row)."""
     out = xp.empty((sums.shape[1], len(rows)), dtype=sums.dtype)
     for lo in range(0, len(rows), COPY_ROWS):  # in blocks: 0.4 s instead of 1.0-1.4 at box 256 (NumPy)
         out[:, lo : lo + COPY_ROWS] = sums[rows[lo : lo + COPY_ROWS]].T
