@@ -17,12 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dva.engine.bench import _peak_rss_mb
+from dva.engine.bench import _peak_rss_mb, dataset
 from dva.engine.cluster import connect
 from dva.engine.loop import RunParams, run_3dva
 from dva.io.star import read_star
-from dva.io.store import import_particles
-from dva.sim.simulate import simulate_dataset
 
 
 def main() -> None:
@@ -36,9 +34,7 @@ def main() -> None:
     parser.add_argument("--skip-streamed", action="store_true", help="Only the resident and memory-limited runs.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="dva-ooc-") as tmp:
-        tmp = Path(tmp)
-        sim = simulate_dataset(tmp / "sim", "small", particles=args.particles, box=args.box, seed=0)
-        import_particles(read_star(sim / "particles.star"), tmp / "s.zarr", chunk_size=args.chunk_size)
+        sim, store = dataset(Path(tmp), args.particles, args.box, args.chunk_size)
         stored_gb = args.particles * args.box**2 * 4 / 1e9
         pixel = float(read_star(sim / "particles.star")["pixel_size_A"][0])
         params = RunParams(filter_res_A=4 * pixel, modes=3, iterations=args.iterations)
@@ -54,7 +50,7 @@ def main() -> None:
             cluster = connect(workers=args.workers, gpus="none", **cluster_options)
             try:
                 t0 = time.perf_counter()
-                result = run_3dva(tmp / "s.zarr", sim / "mask.mrc", params, cluster, resident_bytes=resident_bytes)
+                result = run_3dva(store, sim / "mask.mrc", params, cluster, resident_bytes=resident_bytes)
                 wall = time.perf_counter() - t0
                 peaks = sorted(round(v) for v in cluster.client.run(_peak_rss_mb).values())
                 limits = sorted({w["memory_limit"] for w in cluster.client.scheduler_info()["workers"].values()})
