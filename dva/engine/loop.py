@@ -126,8 +126,8 @@ def compare_halves(components: list[np.ndarray], z: list[np.ndarray], pixel_size
 def driver_module(backend: str) -> ModuleType:
     """Where the driver's per-iteration work runs (`update_components`, `fourier_stack`): on its own
     GPU when the workers run CuPy and this process sees one, else NumPy. On one CPU core it takes
-    ~0.5 s per iteration at box 128 (per-voxel solves 0.23 s, filters and transforms 0.25 s), a
-    third of a 30 s / 20-iteration budget."""
+    ~0.4 s per iteration at box 128, K=3 (per-voxel solves 0.18 s, filters and transforms 0.25 s),
+    a quarter of a 30 s / 20-iteration budget."""
     return array_module(backend) if backend == "cupy" and gpu_count() > 0 else np
 
 
