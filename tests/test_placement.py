@@ -162,6 +162,31 @@ def test_a_task_finishing_after_its_pass_was_collected_adds_nothing():
     assert collect_held("late") == {"tasks": []} and out["particles"] == 1
 
 
+def test_a_model_goes_to_the_device_once_and_is_forgotten_with_it():
+    """Every task of a pass gets the worker's one scattered model: its arrays are copied to the
+    device for the first and reused by the rest, and forgotten when the model is."""
+    import gc
+
+    from dva.em.model import Model
+    from dva.engine import tasks
+
+    def model(value: float) -> Model:
+        return Model(np.full((6, 2), value, np.complex64), np.ones(3), 1e-3, "optimal")
+
+    before = set(tasks._DEVICE_MODELS)  # of models other tests still hold
+    first, second = model(1.0), model(2.0)
+    on_device = tasks._on_device(first, "numpy")
+    assert tasks._on_device(first, "numpy") is on_device
+    assert tasks._on_device(second, "numpy").volumes[0, 0] == 2.0
+    np.testing.assert_array_equal(on_device.volumes, first.volumes)
+    del first, on_device
+    gc.collect()
+    assert set(tasks._DEVICE_MODELS) - before == {(id(second), "numpy")}
+    del second
+    gc.collect()
+    assert set(tasks._DEVICE_MODELS) == before
+
+
 def test_each_worker_reads_its_next_streamed_chunk_ahead(store, cluster):
     """Streamed tasks name the range their worker streams next, in the order it runs them, and the
     last names the first (read ahead for the next pass); resident tasks name none."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -26,6 +27,8 @@ VOLUME_SUMS = ("G", "b", "num", "den")  # the volume-sized sums a worker keeps t
 _HELD: dict[str, tuple[list[int], dict]] = {}  # this worker's running sums, by pass: (its tasks, sums)
 _COLLECTED: set[str] = set()  # passes already collected here: a task still running then adds nothing
 _HELD_LOCK = threading.Lock()  # a worker with several threads runs several tasks at once
+_DEVICE_MODELS: dict[tuple[int, str], Model] = {}  # the models of live passes on the device, by (id, backend)
+_DEVICE_LOCK = threading.Lock()
 
 
 def array_module(backend: str) -> ModuleType:
@@ -215,8 +218,19 @@ def mean_partial(
 
 
 def _on_device(model: Model, backend: str) -> Model:
-    xp = array_module(backend)
-    return replace(model, volumes=xp.asarray(model.volumes), noise_inverse=xp.asarray(model.noise_inverse))
+    """`model` with its arrays on the worker's device, copied once per model: every task of a pass
+    gets the same scattered `model` object, and the copy is kept until that object is gone (at box
+    128, K = 3 its volumes are 34 MB: 1.7 GB a pass over 100k particles in chunks of 2,048 when
+    each task copied them)."""
+    key = (id(model), backend)
+    with _DEVICE_LOCK:
+        if key not in _DEVICE_MODELS:
+            xp = array_module(backend)
+            _DEVICE_MODELS[key] = replace(
+                model, volumes=xp.asarray(model.volumes), noise_inverse=xp.asarray(model.noise_inverse)
+            )
+            weakref.finalize(model, _DEVICE_MODELS.pop, key, None)
+        return _DEVICE_MODELS[key]
 
 
 def em_partial(
