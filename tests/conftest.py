@@ -51,6 +51,38 @@ def xp(request):
     return numpy
 
 
+@pytest.fixture(scope="session")
+def cpu_kernels(tmp_path_factory):
+    """`compile(options)`: the CUDA kernels built for the CPU (`tests.device.cpu_kernels`), or skip."""
+    from tests.device import cpu_kernels
+
+    compile = cpu_kernels(tmp_path_factory.mktemp("kernels"))
+    if compile is None:
+        pytest.skip("no g++ to compile the kernels for the CPU")
+    return compile
+
+
+@pytest.fixture
+def numpy_as_cupy(cpu_kernels, monkeypatch):
+    """The CuPy stand-in (`tests.device`) as `cupy` and `cupyx` for one test: dva's GPU code path
+    runs on the CPU, refusing host arrays where CuPy would."""
+    import sys
+
+    from dva.engine import tasks
+    from dva.ops import kernels
+    from tests.device import cupy_standin
+
+    cupy, cupyx = cupy_standin(cpu_kernels)
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setitem(sys.modules, "cupyx", cupyx)
+    caches = (kernels._kernel, tasks._band)  # no stand-in kernels or bands left for a real CuPy
+    for cache in caches:
+        cache.cache_clear()
+    yield cupy
+    for cache in caches:
+        cache.cache_clear()
+
+
 def to_host(a):
     """NumPy copy of a NumPy or CuPy array."""
     return a.get() if hasattr(a, "get") else a

@@ -1,6 +1,6 @@
-"""The CUDA kernels' source compiled for the CPU (a loop over the grid, `atomicAdd` as a plain add)
-and run through dva's own launch wrappers with a NumPy stand-in for CuPy: checked against direct
-sums and the NumPy path without a GPU. On a GPU the same end-to-end test runs on CuPy."""
+"""The CUDA kernels' source compiled for the CPU and run through dva's own launch wrappers with the
+CuPy stand-in (`tests.device`): checked against direct sums and the NumPy path without a GPU. On
+a GPU the same end-to-end tests run on CuPy."""
 
 from __future__ import annotations
 
@@ -9,128 +9,18 @@ import os
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import pytest
 
 from dva.em.estep import em_statistics
 from dva.ops import kernels as kernels_module
-from dva.ops.kernels import SOURCE, THREADS
+from dva.ops.kernels import SOURCE
 from dva.ops.rotation import random_rotations
-from tests.conftest import mirror
+from tests.conftest import mirror, to_host
+from tests.device import _RawKernelOnCpu
 from tests.stencil import half_slice_stencil, slice_coordinates, trilinear_stencil
-
-CUDA_ON_CPU = r"""
-#include <cmath>
-using std::floor; using std::fmax; using std::fmin;
-#define __dadd_rn(a, b) ((a) + (b))
-#define __dmul_rn(a, b) ((a) * (b))
-struct Dim { unsigned x; };
-static Dim blockIdx, threadIdx, blockDim;
-#define __global__
-#define __device__
-static double atomicAdd(double* a, double v) { double old = *a; *a += v; return old; }
-"""
-LAUNCHERS = r"""
-#define GRID(total, call) blockDim.x = THREADS; \
-    for (blockIdx.x = 0; blockIdx.x < ((total) + THREADS - 1) / THREADS; ++blockIdx.x) \
-        for (threadIdx.x = 0; threadIdx.x < THREADS; ++threadIdx.x) call;
-#define RUN(name, T, S) extern "C" void run_##name(const S* s, const int* i, const float* w, T* o, \
-    long long points, int channels) { GRID(points * channels, name(s, i, w, o, points, channels)) }
-RUN(gather_float32, float, float)
-RUN(gather_float64, double, double)
-RUN(insert_float64, double, double)
-extern "C" void run_slice_stencil(const double* r, const double* kx, const double* ky, int* i, float* w, float* s,
-    long long points, int pixels, int box) { GRID(points, slice_stencil(r, kx, ky, i, w, s, points, pixels, box)) }
-#ifdef MODES
-extern "C" void run_estep_sums(const long long* o, const double* r, const float* y, const float* c, const float* v,
-    const double* kx, const double* ky, const double* w, const unsigned char* in, int box, double sign,
-    double* out, long long particles, int pixels, int segments) {
-    GRID(particles * segments, estep_sums(o, r, y, c, v, kx, ky, w, in, box, sign, out, particles, pixels,
-                                          segments)) }
-extern "C" void run_estep_insert(const long long* o, const double* r, const float* y, const float* c, const float* v,
-    const double* kx, const double* ky, const double* w, const unsigned char* in, const int* shell,
-    const double* m, int box, double sign, const double* alpha, const double* z, double* power, double* sums,
-    long long particles, int pixels, int shells, int segments) {
-    GRID(particles * segments, estep_insert(o, r, y, c, v, kx, ky, w, in, shell, m, box, sign, alpha, z, power,
-                                            sums, particles, pixels, shells, segments)) }
-#endif
-"""
-
-
-@pytest.fixture(scope="module")
-def kernels(tmp_path_factory):
-    """`compile(options)`: the kernels built for the CPU with those `-D` options (each build once)."""
-    if shutil.which("g++") is None:
-        pytest.skip("no g++ to compile the kernels for the CPU")
-    folder = tmp_path_factory.mktemp("kernels")
-    (folder / "k.cpp").write_text(CUDA_ON_CPU + SOURCE + LAUNCHERS)
-    built = {}
-
-    def compile(options: tuple = ()):
-        if options not in built:
-            library = folder / f"k{len(built)}.so"
-            subprocess.run(
-                [
-                    "g++",
-                    "-O1",
-                    "-shared",
-                    "-fPIC",
-                    f"-DTHREADS={THREADS}",
-                    *options,
-                    "-o",
-                    str(library),
-                    str(folder / "k.cpp"),
-                ],
-                check=True,
-            )
-            built[options] = ctypes.CDLL(str(library))
-        return built[options]
-
-    return compile
-
-
-class _RawKernelOnCpu:
-    """`cupy.RawKernel` stand-in: runs the kernel compiled for the CPU, checking the launch."""
-
-    launched: ClassVar[list[str]] = []  # names, in order
-
-    def __init__(self, kernels, source: str, name: str, options: tuple = ()):
-        assert source == SOURCE
-        self.name, self.run = name, getattr(kernels(tuple(options)), f"run_{name}")
-
-    def __call__(self, grid: tuple, block: tuple, args: tuple) -> None:
-        assert block == (THREADS,) and len(grid) == 1
-        self.launched.append(self.name)
-        for a in args:
-            assert not isinstance(a, np.ndarray) or a.flags.c_contiguous  # what the kernels index
-        scalars = {
-            np.dtype(np.int64): ctypes.c_longlong,
-            np.dtype(np.int32): ctypes.c_int,
-            np.dtype(np.float64): ctypes.c_double,
-        }
-        self.run(
-            *(
-                a.ctypes.data_as(ctypes.c_void_p) if isinstance(a, np.ndarray) else scalars[a.dtype](a.item())
-                for a in args
-            )
-        )
-
-
-@pytest.fixture
-def numpy_as_cupy(kernels, monkeypatch):
-    """A `cupy` module that is NumPy with the CPU-compiled kernels: dva's GPU code path (the
-    `xp is not np` branches, the kernels' launches and arguments) runs on the CPU."""
-    module = types.ModuleType("cupy")
-    module.__getattr__ = lambda name: getattr(np, name)
-    module.RawKernel = lambda source, name, options=(): _RawKernelOnCpu(kernels, source, name, options)
-    monkeypatch.setitem(sys.modules, "cupy", module)
-    kernels_module._kernel.cache_clear()
-    yield module
-    kernels_module._kernel.cache_clear()  # no stand-in kernels left for a real CuPy
 
 
 def _stencil(box: int, rng):
@@ -146,7 +36,8 @@ def test_gather_kernel_equals_direct_sums(numpy_as_cupy, dtype):
     box = 12
     index, weights = _stencil(box, rng)
     volumes = rng.normal(size=(box**3, 5)).astype(dtype)
-    out = kernels_module.gather_cuda(volumes, index, weights)
+    xp = numpy_as_cupy
+    out = to_host(kernels_module.gather_cuda(xp.asarray(volumes), xp.asarray(index), xp.asarray(weights)))
     expected = sum(weights[:, j, None].astype(np.float64) * volumes[index[:, j]] for j in range(8))
     assert out.dtype == dtype
     np.testing.assert_allclose(out, expected, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)
@@ -162,8 +53,10 @@ def test_insert_kernel_equals_direct_sums(numpy_as_cupy):
     for j in range(8):
         for c in range(3):
             np.add.at(expected[:, c], index[:, j], weights[:, j].astype(np.float64) * values[:, c])
-    kernels_module.insert_cuda(values, index, weights, out)
-    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
+    xp = numpy_as_cupy
+    on_device = xp.asarray(out)
+    kernels_module.insert_cuda(xp.asarray(values), xp.asarray(index), xp.asarray(weights), on_device)
+    np.testing.assert_allclose(to_host(on_device), expected, rtol=0, atol=1e-12 * np.abs(expected).max())
 
 
 def _random_chunk(rng, n: int, pixels: int, box: int, modes: int):
@@ -219,6 +112,16 @@ def _passes_by_direct_sums(chunk, model, full, band, alpha, z):
     return gram, proj, data, power, (grids + signs[:, None, None, None] * mirror(grids)).reshape(len(sums), -1)
 
 
+def _on(xp, chunk, model) -> tuple:
+    """`chunk` and `model` with their arrays on `xp`'s device, as a worker holds them."""
+    from dataclasses import replace
+
+    from dva.em.chunk import Chunk
+
+    on_device = Chunk(*(xp.asarray(a) for a in (chunk.y, chunk.ctf, chunk.rotation, chunk.scale)))
+    return on_device, replace(model, volumes=xp.asarray(model.volumes), noise_inverse=xp.asarray(model.noise_inverse))
+
+
 def _channel_signs(modes: int) -> np.ndarray:
     """+1 for the real channels of the M-step sums (G, Re b), −1 for the imaginary ones (Im b)."""
     return np.array([1.0] * (modes * (modes + 1) // 2) + [1.0, -1.0] * modes)
@@ -253,13 +156,16 @@ def test_estep_passes_equal_direct_sums(request, kernel, modes):
 
     xp = np if kernel == "cpu" else request.getfixturevalue("numpy_as_cupy")
     order = np.ascontiguousarray(view_order(chunk.rotation, 3), dtype=np.int64)
-    shared = _kernel_arguments(chunk, model, band, xp)
-    got = estep_sums(order, shared, xp)
+    shared = _kernel_arguments(*_on(xp, chunk, model), make_band(box, xp), xp)
+    got = [to_host(a) for a in estep_sums(xp.asarray(order), shared, xp)]
     start = rng.normal(size=(half_rows(box), len(sums)))
-    out = start.copy()
-    got_power = estep_insert(order, shared, band, alpha, z, out, xp)
+    out = xp.array(start)  # a copy on both backends
+    got_power = to_host(
+        estep_insert(xp.asarray(order), shared, make_band(box, xp), xp.asarray(alpha), xp.asarray(z), out, xp)
+    )
+    added = to_host(out) - start
     completed = np.concatenate(
-        [complete_plane((out - start)[:, k][None], box, sign) for k, sign in enumerate(_channel_signs(modes))]
+        [complete_plane(added[:, k][None], box, sign) for k, sign in enumerate(_channel_signs(modes))]
     )
     names = ("gram", "proj", "data", "power", "sums")
     for name, value, want in zip(
@@ -281,7 +187,8 @@ def test_slice_stencil_kernels_equal_the_array_stencil_exactly(request, kernel):
     band = make_band(24)
     poses = random_rotations(40, rng)
     xp = np if kernel == "cpu" else request.getfixturevalue("numpy_as_cupy")
-    got = slice_stencil(poses, band.kx, band.ky, 24, xp)
+    device_band = make_band(24, xp)
+    got = [to_host(a) for a in slice_stencil(xp.asarray(poses), device_band.kx, device_band.ky, 24, xp)]
     for value, expected in zip(got, half_slice_stencil(poses, band.kx, band.ky, 24), strict=True):
         np.testing.assert_array_equal(value, expected)
     assert (got[2] < 0).mean() > 0.3  # about half the samples are taken at their mirror
@@ -301,9 +208,8 @@ def gpu_path(request):
 def test_the_gpu_code_path_equals_the_numpy_path(gpu_path):
     """E/M and mean statistics through the GPU branches (one batch of 2^22 samples, the kernels)
     against the CPU path (batches of 128, its compiled kernels), mean-only rims included."""
-    from dataclasses import replace
 
-    from dva.em.chunk import Chunk, make_band
+    from dva.em.chunk import make_band
     from dva.em.mean import mean_statistics
     from dva.em.model import Model
     from tests.conftest import to_host
@@ -315,8 +221,7 @@ def test_the_gpu_code_path_equals_the_numpy_path(gpu_path):
     pixels = len(band.flat)
     chunk, volumes = _random_chunk(rng, n, pixels, box, modes)
     model = Model(volumes, np.ones(box // 2), 0.01, "optimal", 1.0, None, rng.random(pixels) < 0.8)
-    on_device = Chunk(*(xp.asarray(a) for a in (chunk.y, chunk.ctf, chunk.rotation, chunk.scale)))
-    device_model = replace(model, volumes=xp.asarray(volumes), noise_inverse=xp.asarray(model.noise_inverse))
+    on_device, device_model = _on(xp, chunk, model)
     device_band = make_band(box, xp)
 
     def close(got: dict, expected: dict, names: tuple) -> None:
@@ -427,3 +332,31 @@ def test_the_cpu_kernels_run_from_a_read_only_install(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["False", "2.75"]
+
+
+def test_the_stand_in_refuses_host_arrays_where_cupy_does(numpy_as_cupy):
+    """The stand-in's strictness, which the GPU-path tests rely on: NumPy arrays do not mix with its
+    device arrays in functions, ufuncs, methods or kernels; device arrays do not turn into NumPy
+    arrays implicitly; indices and copies in and out work as in CuPy."""
+    xp = numpy_as_cupy
+    device, host = xp.arange(6.0), np.arange(6.0)
+    for mixed in (
+        lambda: device + host,
+        lambda: host * device,
+        lambda: xp.concatenate([device, host]),
+        lambda: xp.zeros_like(host),
+        lambda: xp.ascontiguousarray(host),
+        lambda: device.dot(host),
+        lambda: np.asarray(device),
+        lambda: np.concatenate([device, host]),
+        lambda: kernels_module.gather_cuda(xp.ones((4, 2)), np.zeros((1, 8), np.int32), xp.ones((1, 8), np.float32)),
+    ):
+        with pytest.raises(TypeError):
+            mixed()
+    total = np.sum(device * 2)  # NumPy functions run as CuPy's: a 0-d device array
+    assert isinstance(total, xp.ndarray) and float(total) == 30.0
+    device[np.array([0, 1])] = np.array([7.0, 8.0])
+    np.testing.assert_array_equal(device[np.array([1, 0])].get(), [8.0, 7.0])
+    copied = xp.asarray(host)
+    host[0] = -1.0  # asarray copied it to the device
+    assert float(copied[0]) == 0.0

@@ -80,6 +80,49 @@ def test_streamed_and_partly_resident_runs_equal_the_resident_run(store, cluster
         np.testing.assert_allclose(other.z, resident.z, rtol=0, atol=1e-6 * abs(resident.z).max())
 
 
+@pytest.fixture(params=["stand-in", pytest.param("cupy", marks=pytest.mark.gpu)])
+def gpu_cluster(request):
+    """Workers and driver on CuPy, and how close their job must come to the NumPy job's: through the
+    CuPy stand-in on two in-process workers (`tests.device`: the CUDA source compiled for the CPU,
+    host arrays refused where CuPy would refuse them), to float64 rounding; on a CUDA device, a
+    LocalCUDACluster, within 1e-4 (issue 7)."""
+    from distributed import Client, LocalCluster
+
+    from dva.engine.cluster import Cluster
+
+    if request.param == "cupy":
+        from tests.conftest import _cupy_or_skip
+
+        _cupy_or_skip()
+        cluster, tolerance = connect(), 1e-4
+        assert cluster.backend == "cupy"
+    else:
+        request.getfixturevalue("numpy_as_cupy")
+        local = LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None)
+        cluster, tolerance = Cluster(client=Client(local), backend="cupy", local=local), 1e-6
+    yield cluster, tolerance
+    cluster.close()
+
+
+def test_the_job_on_the_gpu_backend_equals_the_numpy_job(store, cluster, gpu_cluster):
+    """The whole job, part resident and part streamed, on the GPU backend equals the NumPy job."""
+    from tests.device import _RawKernelOnCpu
+
+    path, mask = store
+    want = run_3dva(path, mask, PARAMS, cluster)
+    on_gpu, tolerance = gpu_cluster
+    _RawKernelOnCpu.launched.clear()
+    two_chunks = 2 * 100 * chunk_bytes_per_particle(make_band(32))
+    got = run_3dva(path, mask, PARAMS, on_gpu, resident_bytes=two_chunks)
+    assert 0 < got.resident_particles < 600
+    if tolerance < 1e-4:  # the stand-in: every kernel ran
+        assert set(_RawKernelOnCpu.launched) == {"slice_stencil", "insert_float64", "estep_sums", "estep_insert"}
+    for name in ("mean", "components", "z", "alpha"):
+        value, expected = getattr(got, name), getattr(want, name)
+        assert isinstance(value, np.ndarray)
+        np.testing.assert_allclose(value, expected, rtol=0, atol=tolerance * abs(expected).max(), err_msg=name)
+
+
 def test_a_store_url_reads_through_fsspec(store, cluster):
     path, mask = store
     by_path = run_3dva(path, mask, PARAMS, cluster)

@@ -1,0 +1,286 @@
+"""A CuPy stand-in on the CPU that refuses what CuPy refuses, so dva's GPU code path (its
+`xp is not np` branches, the kernels' launches, the workers' CuPy backend) runs here and fails
+where it would fail on a GPU.
+
+Its arrays (`DeviceArray`) hold NumPy arrays but, as CuPy's do, refuse to mix with NumPy arrays:
+a NumPy array given to a stand-in function, ufunc, method or kernel raises TypeError (only
+`asarray`/`array` copy host arrays in), and `np.asarray` of a device array raises TypeError
+("implicit conversion"); `.get()` copies one back. NumPy functions called on device arrays run as
+CuPy's (`__array_function__`), reductions give 0-d device arrays. `RawKernel` runs the kernels of
+`dva.ops.kernels.SOURCE` compiled for the CPU with g++: a loop over the grid, `atomicAdd` a plain
+add (`cpu_kernels`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+from numpy.lib.mixins import NDArrayOperatorsMixin
+
+from dva.ops.kernels import SOURCE, THREADS
+
+CUDA_ON_CPU = r"""
+#include <cmath>
+using std::floor; using std::fmax; using std::fmin;
+#define __dadd_rn(a, b) ((a) + (b))
+#define __dmul_rn(a, b) ((a) * (b))
+struct Dim { unsigned x; };
+static thread_local Dim blockIdx, threadIdx, blockDim;  // (in-process workers run kernels side by side)
+#define __global__
+#define __device__
+static double atomicAdd(double* a, double v) { double old = *a; *a += v; return old; }
+"""
+LAUNCHERS = r"""
+#define GRID(total, call) blockDim.x = THREADS; \
+    for (blockIdx.x = 0; blockIdx.x < ((total) + THREADS - 1) / THREADS; ++blockIdx.x) \
+        for (threadIdx.x = 0; threadIdx.x < THREADS; ++threadIdx.x) call;
+#define RUN(name, T, S) extern "C" void run_##name(const S* s, const int* i, const float* w, T* o, \
+    long long points, int channels) { GRID(points * channels, name(s, i, w, o, points, channels)) }
+RUN(gather_float32, float, float)
+RUN(gather_float64, double, double)
+RUN(insert_float64, double, double)
+extern "C" void run_slice_stencil(const double* r, const double* kx, const double* ky, int* i, float* w, float* s,
+    long long points, int pixels, int box) { GRID(points, slice_stencil(r, kx, ky, i, w, s, points, pixels, box)) }
+#ifdef MODES
+extern "C" void run_estep_sums(const long long* o, const double* r, const float* y, const float* c, const float* v,
+    const double* kx, const double* ky, const double* w, const unsigned char* in, int box, double sign,
+    double* out, long long particles, int pixels, int segments) {
+    GRID(particles * segments, estep_sums(o, r, y, c, v, kx, ky, w, in, box, sign, out, particles, pixels,
+                                          segments)) }
+extern "C" void run_estep_insert(const long long* o, const double* r, const float* y, const float* c, const float* v,
+    const double* kx, const double* ky, const double* w, const unsigned char* in, const int* shell,
+    const double* m, int box, double sign, const double* alpha, const double* z, double* power, double* sums,
+    long long particles, int pixels, int shells, int segments) {
+    GRID(particles * segments, estep_insert(o, r, y, c, v, kx, ky, w, in, shell, m, box, sign, alpha, z, power,
+                                            sums, particles, pixels, shells, segments)) }
+#endif
+"""
+IMPLICIT = (
+    "Implicit conversion to a NumPy array is not allowed. Please use `.get()` to construct a NumPy array explicitly."
+)
+HOST_TO_DEVICE = ("asarray", "array")  # the stand-in functions that take NumPy arrays (copies to the device)
+NOT_IN_CUPY = ("ctypes", "tofile")  # NumPy array attributes CuPy arrays lack
+
+
+def cpu_kernels(folder: Path) -> Callable[[tuple], ctypes.CDLL] | None:
+    """`compile(options)`: `SOURCE` built for the CPU in `folder` with those `-D` options (each
+    build once); None without g++."""
+    if shutil.which("g++") is None:
+        return None
+    (folder / "k.cpp").write_text(CUDA_ON_CPU + SOURCE + LAUNCHERS)
+    built = {}
+
+    def compile(options: tuple = ()) -> ctypes.CDLL:
+        if options not in built:
+            library = folder / f"k{len(built)}.so"
+            command = ["g++", "-O1", "-shared", "-fPIC", f"-DTHREADS={THREADS}", *options]
+            subprocess.run([*command, "-o", str(library), str(folder / "k.cpp")], check=True)
+            built[options] = ctypes.CDLL(str(library))
+        return built[options]
+
+    return compile
+
+
+def _unwrap(value, where: str):
+    """`value` with its device arrays as the NumPy arrays they hold (in lists, tuples and dicts
+    too); a NumPy array raises TypeError, as CuPy does."""
+    if isinstance(value, DeviceArray):
+        return value._a
+    if isinstance(value, np.ndarray):
+        raise TypeError(f"{where}: a NumPy array {value.shape} {value.dtype} where CuPy takes only device arrays")
+    if isinstance(value, list | tuple):
+        return type(value)(_unwrap(v, where) for v in value)
+    if isinstance(value, dict):
+        return {k: _unwrap(v, where) for k, v in value.items()}
+    return value
+
+
+def _wrap(value):
+    """NumPy results as device arrays (scalars as 0-d arrays, as CuPy's reductions give)."""
+    if isinstance(value, np.ndarray):
+        return DeviceArray(value)
+    if isinstance(value, np.generic):
+        return DeviceArray(np.asarray(value))
+    if isinstance(value, list | tuple) and not hasattr(value, "_fields"):
+        return type(value)(_wrap(v) for v in value)
+    if hasattr(value, "_fields"):  # NumPy's named results (eigh, svd, qr)
+        return type(value)(*(_wrap(v) for v in value))
+    return value
+
+
+class DeviceArray(NDArrayOperatorsMixin):
+    """An array "on the device": a NumPy array that will not mix with NumPy arrays (see module)."""
+
+    __slots__ = ("_a",)
+
+    def __init__(self, array: np.ndarray):
+        self._a = array
+
+    def __array__(self, dtype=None, copy=None):
+        raise TypeError(IMPLICIT)
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        where = f"cupy.{ufunc.__name__}"
+        out = kwargs.get("out")
+        result = getattr(ufunc, method)(*_unwrap(inputs, where), **_unwrap(kwargs, where))
+        if out is not None:
+            return out[0] if len(out) == 1 else out
+        return _wrap(result)
+
+    def __array_function__(self, func, types, args, kwargs):
+        where = f"numpy.{func.__name__} on device arrays"
+        return _wrap(func(*_unwrap(args, where), **_unwrap(kwargs, where)))
+
+    def get(self, stream=None) -> np.ndarray:
+        return self._a.copy()
+
+    def __getattr__(self, name: str):
+        if name in NOT_IN_CUPY or name.startswith("__"):  # (NumPy would read __array_interface__)
+            raise AttributeError(f"cupy.ndarray has no attribute {name!r}")
+        value = getattr(self._a, name)
+        if not callable(value):
+            return _wrap(value) if isinstance(value, np.ndarray) else value
+
+        def method(*args, **kwargs):
+            where = f"cupy.ndarray.{name}"
+            return _wrap(value(*_unwrap(args, where), **_unwrap(kwargs, where)))
+
+        return method
+
+    @staticmethod
+    def _index(key):
+        """`key` with its device arrays unwrapped (CuPy takes NumPy arrays as indices too)."""
+        if isinstance(key, tuple):
+            return tuple(k._a if isinstance(k, DeviceArray) else k for k in key)
+        return key._a if isinstance(key, DeviceArray) else key
+
+    def __getitem__(self, key):
+        return _wrap(self._a[self._index(key)])
+
+    def __setitem__(self, key, value):
+        # CuPy copies NumPy values over too
+        self._a[self._index(key)] = value._a if isinstance(value, DeviceArray) else value
+
+    def __len__(self) -> int:
+        return len(self._a)
+
+    def __iter__(self):
+        return (_wrap(row) for row in self._a)
+
+    def __float__(self) -> float:
+        return float(self._a)
+
+    def __int__(self) -> int:
+        return int(self._a)
+
+    def __complex__(self) -> complex:
+        return complex(self._a)
+
+    def __bool__(self) -> bool:
+        return bool(self._a)
+
+    def __index__(self) -> int:
+        return self._a.__index__()
+
+    def __repr__(self) -> str:
+        return f"device {self._a!r}"
+
+    def __reduce__(self):
+        return DeviceArray, (self._a,)
+
+
+def _device_function(name: str, function: Callable) -> Callable:
+    """`function` (NumPy's) as the stand-in's: device arrays in and out."""
+
+    def call(*args, **kwargs):
+        if name in HOST_TO_DEVICE:
+            source = args[0]._a if isinstance(args[0], DeviceArray) else np.array(args[0], copy=True)
+            return _wrap(getattr(np, name)(source, *args[1:], **kwargs))
+        where = f"cupy.{name}"
+        return _wrap(function(*_unwrap(args, where), **_unwrap(kwargs, where)))
+
+    return call
+
+
+def _device_namespace(numpy_module: types.ModuleType, name: str) -> types.ModuleType:
+    """A module whose functions are `numpy_module`'s on device arrays; types and constants as they are."""
+    module = types.ModuleType(name)
+
+    def attribute(key: str):
+        if key.startswith("__"):
+            raise AttributeError(key)
+        value = getattr(numpy_module, key)
+        if isinstance(value, type | np.dtype) or not callable(value):
+            return value
+        return _device_function(key, value)
+
+    module.__getattr__ = attribute
+    return module
+
+
+class _RawKernelOnCpu:
+    """`cupy.RawKernel` stand-in: runs the kernel compiled for the CPU, checking the launch and
+    that every array it is given is a C-contiguous device array."""
+
+    launched: ClassVar[list[str]] = []  # names, in order
+
+    def __init__(self, compile: Callable, source: str, name: str, options: tuple = ()):
+        assert source == SOURCE
+        self.name, self.run = name, getattr(compile(tuple(options)), f"run_{name}")
+
+    def __call__(self, grid: tuple, block: tuple, args: tuple) -> None:
+        assert block == (THREADS,) and len(grid) == 1
+        self.launched.append(self.name)
+        scalars = {
+            np.dtype(np.int64): ctypes.c_longlong,
+            np.dtype(np.int32): ctypes.c_int,
+            np.dtype(np.float64): ctypes.c_double,
+        }
+        converted = []
+        for a in _unwrap(args, f"kernel {self.name}"):
+            if isinstance(a, np.ndarray):
+                assert a.flags.c_contiguous, f"kernel {self.name}: a strided array"  # what the kernels index
+                converted.append(a.ctypes.data_as(ctypes.c_void_p))
+            else:
+                converted.append(scalars[a.dtype](a.item()))
+        self.run(*converted)
+
+
+class _Stream:
+    def synchronize(self) -> None:
+        pass
+
+
+class _MemoryPool:
+    def free_all_blocks(self) -> None:
+        pass
+
+
+def cupy_standin(compile: Callable, free_bytes: int = 8 << 30) -> tuple[types.ModuleType, types.ModuleType]:
+    """The `cupy` and `cupyx` stand-in modules, with `free_bytes` of "device memory" free."""
+    cupy = _device_namespace(np, "cupy")
+    base = cupy.__getattr__
+    submodules = {name: _device_namespace(getattr(np, name), f"cupy.{name}") for name in ("fft", "linalg")}
+    cuda = types.SimpleNamespace(
+        runtime=types.SimpleNamespace(memGetInfo=lambda: (free_bytes, 2 * free_bytes), getDeviceCount=lambda: 1),
+        get_current_stream=_Stream,
+    )
+    extra = {
+        "ndarray": DeviceArray,
+        "asnumpy": lambda a: a.get() if isinstance(a, DeviceArray) else np.asarray(a),
+        "RawKernel": lambda source, name, options=(): _RawKernelOnCpu(compile, source, name, options),
+        "cuda": cuda,
+        "get_default_memory_pool": _MemoryPool,
+        **submodules,
+    }
+    cupy.__getattr__ = lambda key: extra[key] if key in extra else base(key)
+    cupyx = types.ModuleType("cupyx")
+    cupyx.empty_pinned = lambda shape, dtype=np.float64: np.empty(shape, dtype)  # host memory, as CuPy's
+    return cupy, cupyx
