@@ -443,6 +443,13 @@ def bench(
     streamed: Annotated[
         bool, typer.Option(help="Keep no chunk resident: re-read all from the store every pass.")
     ] = False,
+    on_host: Annotated[
+        bool,
+        typer.Option(
+            help="Keep no chunk in GPU memory: GPU workers keep them prepared in host memory and copy them "
+            "over every pass (CPU workers: as --streamed)."
+        ),
+    ] = False,
     data: Annotated[
         Path | None,
         typer.Option(help="Folder to keep the synthetic dataset in, reused there by runs of the same size."),
@@ -455,6 +462,8 @@ def bench(
     from dva.engine.bench import bench as run_bench
 
     with _user_errors():
+        if streamed and on_host:
+            raise DvaInputError("--streamed and --on-host: choose one")
         found = run_bench(
             particles,
             box,
@@ -465,6 +474,7 @@ def bench(
             iterations=iterations,
             scheduler=scheduler,
             streamed=streamed,
+            on_host=on_host,
             data=data,
         )
     if json_line:

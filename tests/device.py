@@ -138,8 +138,13 @@ class DeviceArray(NDArrayOperatorsMixin):
         where = f"numpy.{func.__name__} on device arrays"
         return _wrap(func(*_unwrap(args, where), **_unwrap(kwargs, where)))
 
-    def get(self, stream=None) -> np.ndarray:
-        return self._a.copy()
+    def get(self, stream=None, out: np.ndarray | None = None) -> np.ndarray:
+        if out is None:
+            return self._a.copy()
+        if not (self._a.flags.c_contiguous and out.flags.c_contiguous and out.shape == self._a.shape):
+            raise RuntimeError("`out` must be a C-contiguous array of the same shape, and so must the device array")
+        out[...] = self._a
+        return out
 
     def __getattr__(self, name: str):
         if name in NOT_IN_CUPY or name.startswith("__"):  # (NumPy would read __array_interface__)

@@ -105,22 +105,37 @@ def gpu_cluster(request):
 
 
 def test_the_job_on_the_gpu_backend_equals_the_numpy_job(store, cluster, gpu_cluster):
-    """The whole job, part resident and part streamed, on the GPU backend equals the NumPy job."""
+    """The whole job on the GPU backend, its chunks kept in device memory, kept in host memory
+    (copied over by each task) and streamed from the store, equals the NumPy job."""
+    from dva.engine.placement import _memory_budget
     from tests.device import _RawKernelOnCpu
 
     path, mask = store
     want = run_3dva(path, mask, PARAMS, cluster)
     on_gpu, tolerance = gpu_cluster
     _RawKernelOnCpu.launched.clear()
-    two_chunks = 2 * 100 * chunk_bytes_per_particle(make_band(32))
-    got = run_3dva(path, mask, PARAMS, on_gpu, resident_bytes=two_chunks)
-    assert 0 < got.resident_particles < 600
-    if tolerance < 1e-4:  # the stand-in: every kernel ran
+    one_chunk = 100 * chunk_bytes_per_particle(make_band(32))
+    got = run_3dva(path, mask, PARAMS, on_gpu, resident_bytes=2 * one_chunk, host_bytes=one_chunk)
+    assert 0 < got.host_particles < got.resident_particles < 600
+    for device, host in on_gpu.client.run(_memory_budget, "cupy").values():  # what workers keep by default
+        assert device > 0 and host > 0
+    if tolerance < 1e-4:  # the stand-in: two workers, each 4 tasks of 75 particles (2 on the device, 1 on the host)
+        assert (got.resident_particles, got.host_particles) == (450, 150)
         assert set(_RawKernelOnCpu.launched) == {"slice_stencil", "insert_float64", "estep_sums", "estep_insert"}
     for name in ("mean", "components", "z", "alpha"):
         value, expected = getattr(got, name), getattr(want, name)
         assert isinstance(value, np.ndarray)
         np.testing.assert_allclose(value, expected, rtol=0, atol=tolerance * abs(expected).max(), err_msg=name)
+
+
+def test_cpu_workers_keep_no_chunks_in_a_host_tier(store, cluster):
+    """A host tier is for GPU workers (whose tasks run in device memory); CPU workers' host memory
+    is where their tasks run, so what does not fit there is streamed."""
+    from dva.engine.placement import place_chunks
+
+    placement = place_chunks(cluster.client, str(store[0]), 600, 100, 32, "numpy", 0, host_bytes=10**12)
+    assert placement.resident == placement.host == 0
+    placement.release(cluster.client)
 
 
 def test_a_store_url_reads_through_fsspec(store, cluster):

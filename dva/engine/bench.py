@@ -72,10 +72,12 @@ def bench(
     iterations: int = 3,
     scheduler: str | None = None,
     streamed: bool = False,
+    on_host: bool = False,
     data: Path | None = None,
 ) -> dict:
     """Per-iteration times, particles per second per iteration, peak memory per worker, and the
-    floor model (`dva.engine.floor`) at the backend's ceilings; `streamed` keeps no chunk resident.
+    floor model (`dva.engine.floor`) at the backend's ceilings; `streamed` keeps no chunk resident,
+    `on_host` none in GPU memory (GPU workers keep them in host memory; CPU workers none).
     The dataset is made in a temporary folder, or kept in and reused from `data` (`dataset`)."""
     with ExitStack() as stack:
         folder = (
@@ -90,7 +92,14 @@ def bench(
         cluster = connect(scheduler, workers=workers, gpus=gpus)
         try:
             params = RunParams(filter_res_A=4 * pixel, modes=modes, iterations=iterations)
-            result = run_3dva(store, sim / "mask.mrc", params, cluster, resident_bytes=0 if streamed else None)
+            result = run_3dva(
+                store,
+                sim / "mask.mrc",
+                params,
+                cluster,
+                resident_bytes=0 if streamed or on_host else None,
+                host_bytes=0 if streamed else None,
+            )
             peaks = cluster.client.run(_peak_rss_mb)
             n_workers = len(peaks)
         finally:
@@ -106,6 +115,7 @@ def bench(
         "backend": cluster.backend,
         "chunk_size": chunk_size,
         "resident_particles": result.resident_particles,
+        "host_particles": result.host_particles,
         "iteration_s": times,
         "median_iteration_s": median,
         "particles_per_s": particles / median,

@@ -73,6 +73,7 @@ class Result:
     params: dict = field(default_factory=dict)
     halves: dict | None = None  # split-half validation (`--halfsets`), see `compare_halves`
     resident_particles: int = 0  # kept in worker memory between passes (the rest were re-read)
+    host_particles: int = 0  # of those, kept in host memory by GPU workers (copied over every pass)
     resumed_at_iteration: int | None = None  # where `--resume` continued from a checkpoint
 
 
@@ -212,13 +213,15 @@ def run_3dva(
     checkpoint: Path | None = None,
     resume: bool = False,
     resident_bytes: int | None = None,
+    host_bytes: int | None = None,
 ) -> Result:
     """Fit the mean and `params.modes` components to the particles of `store` (a path or URL);
     `progress` gets each iteration's metrics.
 
     With `checkpoint` (a folder) the state is saved there after the mean pass and after every
     iteration; `resume` continues from it. `resident_bytes` caps the prepared chunks each worker
-    keeps between passes (default: from its memory; the rest are re-read every pass)."""
+    keeps between passes where its tasks run, `host_bytes` those a GPU worker keeps in its host
+    memory besides (default: from its memory; the rest are re-read every pass)."""
     store = store_location(store)
     t0 = time.perf_counter()
     images, table, attrs = open_store(store)
@@ -239,7 +242,7 @@ def run_3dva(
     driver = driver_module(backend)
     mask_on_driver, filt_on_driver = driver.asarray(mask), driver.asarray(filt)
     chunk, aligned = task_limits(images)
-    placement = place_chunks(client, store, n, chunk, box, backend, resident_bytes, aligned)
+    placement = place_chunks(client, store, n, chunk, box, backend, resident_bytes, aligned, host_bytes)
     metrics: list[dict] = []
     if saved is None:
         mean_stats = placement.map(client, mean_partial, box, params.scale, backend)
@@ -372,5 +375,6 @@ def run_3dva(
         params=asdict(params),
         halves=halves,
         resident_particles=placement.resident,
+        host_particles=placement.host,
         resumed_at_iteration=None if saved is None else saved.iteration,
     )

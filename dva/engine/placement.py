@@ -2,9 +2,11 @@
 
 The particles are split into tasks, the same number of particles for every worker. Each worker keeps
 its chunks prepared and resident (host memory on CPU workers, device memory on GPU workers) while
-they fit in `RESIDENT_FRACTION` of the memory it has left; the rest are streamed: read from the store and
-prepared again inside every task that needs them, then dropped (each worker reads its next
-streamed chunk in the background while a task works on the one before). Tasks are pinned to their worker
+they fit in `RESIDENT_FRACTION` of the memory it has left; a GPU worker then keeps more in
+`RESIDENT_FRACTION` of its host memory (`tasks.HostChunk`, copied to the device by each task); the
+rest are streamed: read from the store and prepared again inside every task that needs them, then
+dropped (each worker reads its next streamed chunk in the background while a task works on the
+one before). Tasks are pinned to their worker
 but may move when it is gone (dask then recomputes what was lost). When every worker a pass's
 tasks were pinned to has gone, dask keeps those tasks for the lost addresses even where other
 workers may run them (dask/distributed#7346): `settle` notices, and `repin` deals them out again.
@@ -35,6 +37,7 @@ from dva.engine.tasks import (
     free_buffers,
     held,
     load_chunk,
+    load_host_chunk,
     store_error,
 )
 from dva.errors import DvaClusterError, DvaInputError
@@ -48,17 +51,24 @@ RESIDENT_FRACTION = 0.4  # of the memory a worker has left under its limit (host
 @dataclass
 class Placement:
     """Per task: its particle range, where its chunk is read from, its chunk as the tasks take it
-    (a resident future, or the `ChunkSource` itself when streamed every pass) and its worker."""
+    (a future of the chunk kept on its worker, or the `ChunkSource` itself when streamed every
+    pass), its worker, and whether a kept chunk is kept in the host memory of a GPU worker."""
 
     ranges: list[tuple[int, int]]
     chunks: list[ChunkSource]
     sources: list[Future | ChunkSource]
     workers: list[str]
+    on_host: list[bool]
 
     @property
     def resident(self) -> int:
-        """Particles kept in worker memory between passes."""
+        """Particles kept in worker memory between passes (device or host memory on GPU workers)."""
         return sum(b - a for (a, b), s in zip(self.ranges, self.sources, strict=True) if isinstance(s, Future))
+
+    @property
+    def host(self) -> int:
+        """Of those, the particles GPU workers keep in host memory."""
+        return sum(b - a for (a, b), h in zip(self.ranges, self.on_host, strict=True) if h)
 
     def map(
         self,
@@ -177,7 +187,7 @@ class Placement:
         for j, i in enumerate(gone):
             self.workers[i] = live[j % len(live)]
             if isinstance(self.sources[i], Future):
-                self.sources[i] = _load(client, self.chunks[i], self.workers[i])
+                self.sources[i] = _load(client, self.chunks[i], self.workers[i], self.on_host[i])
         client.cancel(stale)
         self.link()
 
@@ -230,18 +240,19 @@ def deal_tasks(n: int, chunk: int, workers: int, aligned: bool = True) -> tuple[
     return ranges, owners
 
 
-def _memory_budget(backend: str, dask_worker=None) -> int | None:
-    """Bytes of prepared chunks this worker may keep: a fraction of the memory it has left (of its
-    GPU's memory on GPU workers; None: no limit known)."""
+def _memory_budget(backend: str, dask_worker=None) -> tuple[int | None, int]:
+    """Bytes of prepared chunks this worker may keep where its tasks run (its GPU's memory on GPU
+    workers, else its host memory; None: no limit known) and, on GPU workers, in its host memory
+    besides (0 on CPU workers): a fraction of the memory it has left in each."""
+    limit = dask_worker.memory_manager.memory_limit
+    used = psutil.Process().memory_info().rss  # the worker's own start-up (libraries, buffers)
+    left = limit - used if limit else psutil.virtual_memory().available
+    host = max(0, int(RESIDENT_FRACTION * left))
     if backend == "cupy":
         import cupy
 
-        return int(RESIDENT_FRACTION * cupy.cuda.runtime.memGetInfo()[0])
-    limit = dask_worker.memory_manager.memory_limit
-    if not limit:
-        return None
-    used = psutil.Process().memory_info().rss  # the worker's own start-up (libraries, buffers)
-    return max(0, int(RESIDENT_FRACTION * (limit - used)))
+        return int(RESIDENT_FRACTION * cupy.cuda.runtime.memGetInfo()[0]), host
+    return (host if limit else None), 0
 
 
 def place_chunks(
@@ -253,13 +264,15 @@ def place_chunks(
     backend: str,
     resident_bytes: int | None = None,
     aligned: bool = True,
+    host_bytes: int | None = None,
 ) -> Placement:
-    """Deal the first `n` particles of `store` to the workers and start reading the resident chunks.
+    """Deal the first `n` particles of `store` to the workers and start reading the chunks they keep.
 
     Tasks take at most `chunk` particles, within the store's chunks when `aligned` (see
-    `store.task_limits`). `resident_bytes` caps the prepared chunks kept per worker (default: from
-    each worker's memory). First checks that every worker can open the store, and names it when
-    one cannot."""
+    `store.task_limits`). `resident_bytes` caps the prepared chunks kept per worker where its tasks
+    run, `host_bytes` those a GPU worker keeps in its host memory besides (default: from each
+    worker's memory). First checks that every worker can open the store, and names it when one
+    cannot."""
     client.wait_for_workers(1)
     failures = {w: e for w, e in client.run(store_error, store).items() if e is not None}
     if failures:
@@ -269,26 +282,34 @@ def place_chunks(
             f"path (a shared filesystem or an object-store URL)"
         )
     addresses = sorted(client.ncores())  # asks the scheduler now (scheduler_info() may be stale)
-    budgets = (
-        client.run(_memory_budget, backend) if resident_bytes is None else dict.fromkeys(addresses, resident_bytes)
-    )
+    measured = client.run(_memory_budget, backend) if None in (resident_bytes, host_bytes) else {}
+    budgets = {
+        w: (
+            measured.get(w, (None, 0))[0] if resident_bytes is None else resident_bytes,
+            (measured.get(w, (None, 0))[1] if host_bytes is None else host_bytes) if backend == "cupy" else 0,
+        )
+        for w in addresses
+    }
     per_particle = chunk_bytes_per_particle(make_band(box))
     ranges, owners = deal_tasks(n, chunk, len(addresses), aligned)
-    used = dict.fromkeys(addresses, 0)
+    used = {w: [0, 0] for w in addresses}  # bytes kept where tasks run, and in host memory besides
     chunks = [ChunkSource(store, a, b, box, backend) for a, b in ranges]
     workers = [addresses[owner] for owner in owners]
-    resident = []
+    kept, on_host = [], []
     for (a, b), worker in zip(ranges, workers, strict=True):
-        budget = budgets.get(worker)
-        resident.append(budget is None or used[worker] + (b - a) * per_particle <= budget)
-        used[worker] += (b - a) * per_particle if resident[-1] else 0
-    # Each worker loads its resident chunks in order, reading the next ones ahead meanwhile.
-    loads = following(ranges, workers, resident, cyclic=False)
+        size, budget = (b - a) * per_particle, budgets[worker]
+        tier = next((t for t in (0, 1) if budget[t] is None or used[worker][t] + size <= budget[t]), None)
+        if tier is not None:
+            used[worker][tier] += size
+        kept.append(tier is not None)
+        on_host.append(tier == 1)
+    # Each worker loads the chunks it keeps in order, reading the next ones ahead meanwhile.
+    loads = following(ranges, workers, kept, cyclic=False)
     sources: list[Future | ChunkSource] = [
-        _load(client, replace(source, following=loads[i]), workers[i]) if resident[i] else source
+        _load(client, replace(source, following=loads[i]), workers[i], on_host[i]) if kept[i] else source
         for i, source in enumerate(chunks)
     ]
-    placement = Placement(ranges, chunks, sources, workers)
+    placement = Placement(ranges, chunks, sources, workers, on_host)
     placement.link()
     return placement
 
@@ -315,6 +336,8 @@ def _scatter(client: Client, shared: object) -> Future:
         raise CommClosedError(str(error)) from error
 
 
-def _load(client: Client, source: ChunkSource, worker: str) -> Future:
-    """Read and prepare a chunk on `worker`, to keep there."""
-    return client.submit(load_chunk, source, pure=False, workers=[worker], allow_other_workers=True)
+def _load(client: Client, source: ChunkSource, worker: str, on_host: bool) -> Future:
+    """Read and prepare a chunk on `worker`, to keep there (`on_host`: in a GPU worker's host memory)."""
+    return client.submit(
+        load_host_chunk if on_host else load_chunk, source, pure=False, workers=[worker], allow_other_workers=True
+    )

@@ -7,7 +7,7 @@ import threading
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from types import ModuleType
 
 import numpy as np
@@ -102,6 +102,38 @@ def load_chunk(source: ChunkSource) -> Chunk:
     return _prepare(source, read_ahead(source))
 
 
+@dataclass(frozen=True)
+class HostChunk:
+    """A GPU worker's prepared chunk kept in its page-locked host memory (its device memory being
+    full): every task that takes it copies it to the device (at 55 GB/s on the H100 against
+    2.1 GB/s at best for reading and preparing it again from the store)."""
+
+    chunk: Chunk  # of NumPy arrays
+    backend: str
+
+    def on_device(self) -> Chunk:
+        xp = array_module(self.backend)
+        return Chunk(*(xp.asarray(a) for a in _arrays(self.chunk)))
+
+
+def _arrays(chunk: Chunk) -> tuple:
+    """A chunk's arrays in field order (not copied, as `dataclasses.astuple` would copy them)."""
+    return tuple(getattr(chunk, f.name) for f in fields(chunk))
+
+
+def load_host_chunk(source: ChunkSource) -> HostChunk:
+    """`load_chunk` on the worker's device, then kept in its page-locked host memory."""
+    import cupyx
+
+    xp = array_module(source.backend)
+    copies = []
+    for a in _arrays(load_chunk(source)):
+        copy = cupyx.empty_pinned(a.shape, a.dtype)
+        xp.ascontiguousarray(a).get(out=copy)
+        copies.append(copy)
+    return HostChunk(Chunk(*copies), source.backend)
+
+
 def _prepare(source: ChunkSource, read: Read) -> Chunk:
     """`read`'s particles prepared, its buffer given back."""
     xp = array_module(source.backend)
@@ -157,10 +189,12 @@ def store_error(store: str) -> str | None:
     return None
 
 
-def _resolve(chunk: Chunk | ChunkSource) -> Chunk:
-    """A resident chunk as it is; a streamed one read (ahead, when it was) and prepared now, dropped
-    after the task."""
-    return _prepare(chunk, read_ahead(chunk)) if isinstance(chunk, ChunkSource) else chunk
+def _resolve(chunk: Chunk | HostChunk | ChunkSource) -> Chunk:
+    """A resident chunk as it is; one kept in host memory copied to the device, a streamed one read
+    (ahead, when it was) and prepared now, both dropped after the task."""
+    if isinstance(chunk, ChunkSource):
+        return _prepare(chunk, read_ahead(chunk))
+    return chunk.on_device() if isinstance(chunk, HostChunk) else chunk
 
 
 @functools.lru_cache(maxsize=4)
@@ -211,7 +245,7 @@ def collect_held(key: str) -> dict:
 
 
 def mean_partial(
-    chunk: Chunk | ChunkSource, box: int, scale: str, backend: str, weights: np.ndarray | None = None
+    chunk: Chunk | HostChunk | ChunkSource, box: int, scale: str, backend: str, weights: np.ndarray | None = None
 ) -> dict:
     """Reconstruction sums of one chunk: the mean, or with `weights (n, G)` G particle subsets."""
     return _host(mean_statistics(_resolve(chunk), _band(box, backend), scale, array_module(backend), weights))
@@ -234,7 +268,7 @@ def _on_device(model: Model, backend: str) -> Model:
 
 
 def em_partial(
-    chunk: Chunk | ChunkSource, model: Model, box: int, backend: str, keep: np.ndarray | None = None
+    chunk: Chunk | HostChunk | ChunkSource, model: Model, box: int, backend: str, keep: np.ndarray | None = None
 ) -> dict:
     """Summable statistics of one chunk (of its `keep` particles when given) for the M-step, and
     `coordinates`: a one-item list (lists add up by concatenation) of the E-step's z and α `(n, K+1)`."""
@@ -249,7 +283,7 @@ def em_partial(
 
 
 def em_coordinates(
-    chunk: Chunk | ChunkSource, model: Model, box: int, backend: str, keep: np.ndarray | None = None
+    chunk: Chunk | HostChunk | ChunkSource, model: Model, box: int, backend: str, keep: np.ndarray | None = None
 ) -> dict:
     """Coordinates `z (n, K)`, scales `alpha (n,)` and summed noise covariance `zcov` of one chunk
     (of its `keep` particles when given)."""

@@ -88,6 +88,7 @@ def write_results(out_dir: Path, prefix: str, result, table: xr.Dataset, job: di
         "variances": [float(v) for v in result.variances],
         "timings_s": result.timings,
         "resident_particles": result.resident_particles,
+        "host_particles": result.host_particles,
         "resumed_at_iteration": result.resumed_at_iteration,
         "iterations": result.metrics,
         "halfsets": None if halves is None else {k: v for k, v in halves.items() if k != "components"},
