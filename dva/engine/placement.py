@@ -6,10 +6,10 @@ they fit in `RESIDENT_FRACTION` of the memory it has left; a GPU worker then kee
 `RESIDENT_FRACTION` of its host memory (`tasks.HostChunk`, copied to the device by each task); the
 rest are streamed: read from the store and prepared again inside every task that needs them, then
 dropped (each worker reads its next streamed chunk in the background while a task works on the
-one before). Tasks are pinned to their worker
-but may move when it is gone (dask then recomputes what was lost). When every worker a pass's
-tasks were pinned to has gone, dask keeps those tasks for the lost addresses even where other
-workers may run them (dask/distributed#7346): `settle` notices, and `repin` deals them out again.
+one before). Tasks are pinned to their worker but may move when it is gone (dask then recomputes
+what was lost). When every worker a pass's tasks were pinned to has gone, dask keeps those tasks
+for the lost addresses even where other workers may run them (dask/distributed#7346): `settle`
+notices, and `repin` deals them out again.
 """
 
 from __future__ import annotations
