@@ -493,11 +493,12 @@ def bench(
         f"driver's M-step {phases['mstep']:.2f} s"
     )
     floor, work = found["floor"], found["floor"]["work"]
+    moved = f", host→device {floor['read_s']:.3f}" if "read_s" in floor else ""
     print(
         f"floor at {floor['ceilings']['device']}: {work['band_pixels']:,} band pixels per image; per iteration "
         f"{work['bytes_resident'] / 1e9:.2f} GB read, {work['gathers'] / 1e9:.2f} G gathers, "
         f"{work['scatter_adds'] / 1e9:.2f} G scatter-adds → {floor['floor_s']:.3f} s "
-        f"(memory {floor['memory_s']:.3f}, gather {floor['gather_s']:.3f}, scatter {floor['scatter_s']:.3f}); "
+        f"(memory {floor['memory_s']:.3f}, gather {floor['gather_s']:.3f}, scatter {floor['scatter_s']:.3f}{moved}); "
         f"measured {floor['measured_s']:.2f} s = {floor['measured_over_floor']:.1f}× the floor"
     )
 

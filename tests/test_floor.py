@@ -32,8 +32,10 @@ def test_floor_is_the_slowest_part():
     floor = floor_seconds(work, H100)
     assert floor["floor_s"] == max(floor["memory_s"], floor["gather_s"], floor["scatter_s"])
     assert np.isclose(floor["scatter_s"], work.scatter_adds / 72e9)
-    slow_read = Ceilings("slow disk", 1000.0, 100.0, 100.0, read_GBps=0.1)
-    assert floor_seconds(work, slow_read, streamed=True)["floor_s"] == work.bytes_stored / 0.1e9
+    slow_read = Ceilings("slow link", 1000.0, 100.0, 100.0, read_GBps=0.1)
+    assert np.isclose(floor_seconds(work, slow_read)["floor_s"], work.scatter_adds / 100e9)  # on the device: no reads
+    assert floor_seconds(work, slow_read, "host")["floor_s"] == work.bytes_resident / 0.1e9  # prepared chunks
+    assert floor_seconds(work, slow_read, "store")["floor_s"] == work.bytes_stored / 0.1e9  # stored images
 
 
 def test_cpu_ceilings_are_measured_per_worker():

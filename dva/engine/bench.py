@@ -123,5 +123,7 @@ def bench(
         "mean_pass_s": result.timings["mean_s"],
         "prepare_s": prepare_s,
         "peak_worker_rss_mb": sorted(round(v, 1) for v in peaks.values()),
-        "floor": floor_report(particles, result.box, modes, ceilings, median),
+        "floor": floor_report(
+            particles, result.box, modes, ceilings, median, "store" if streamed else "host" if on_host else "device"
+        ),
     }

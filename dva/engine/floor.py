@@ -2,7 +2,8 @@
 measured ceilings (`dva bench` prints it beside the measured time).
 
 Per particle and Fourier pixel of the band (P pixels of the rfft half-plane) one iteration must
-read the sample and its CTF (8 + 4 bytes, or the stored image when the chunk is streamed), gather
+read the sample and its CTF (8 + 4 bytes; chunks not kept in device memory also come over from the
+host: prepared ones as they are, streamed ones as stored images), gather
 the K+1 slices trilinearly (8·(K+1) complex reads) and insert the M-step channels trilinearly
 (8·(K(K+1)/2 + 2K) real adds). The floor is the slowest of the three at the ceilings, as if they
 overlapped perfectly; per-particle K×K solves and the per-voxel M-step are small beside them.
@@ -22,7 +23,8 @@ from dva.ops.slice import gather, insert, neighbour_offsets
 @dataclass(frozen=True)
 class Ceilings:
     """What one device sustains: memory bandwidth (GB/s), trilinear gathers and scatter-adds
-    (G/s), and the rate at which stored images arrive (GB/s; None when not measured)."""
+    (G/s), and the rate at which chunks not kept in its memory arrive (GB/s: host to device; None
+    when not measured or not apart, as on CPU workers)."""
 
     device: str
     memory_GBps: float
@@ -64,15 +66,18 @@ def iteration_work(particles: int, box: int, modes: int, band_pixels: int | None
     )
 
 
-def floor_seconds(work: Work, ceilings: Ceilings, streamed: bool = False) -> dict:
-    """Seconds each part takes at the ceilings, and the floor (the slowest part)."""
+def floor_seconds(work: Work, ceilings: Ceilings, kept: str = "device") -> dict:
+    """Seconds each part takes at the ceilings, and the floor (the slowest part), with the chunks
+    `kept` in device memory, in host memory (prepared: `dva bench --on-host`) or in the store
+    (`"store"`: re-read every pass, `--streamed`)."""
     parts = {
         "memory_s": work.bytes_resident / (ceilings.memory_GBps * 1e9),
         "gather_s": work.gathers / (ceilings.gather_Gps * 1e9),
         "scatter_s": work.scatter_adds / (ceilings.scatter_Gps * 1e9),
     }
-    if streamed and ceilings.read_GBps:
-        parts["read_s"] = work.bytes_stored / (ceilings.read_GBps * 1e9)
+    if kept != "device" and ceilings.read_GBps:
+        moved = work.bytes_resident if kept == "host" else work.bytes_stored
+        parts["read_s"] = moved / (ceilings.read_GBps * 1e9)
     return {**parts, "floor_s": max(parts.values())}
 
 
@@ -107,10 +112,13 @@ def measure_cpu_ceilings(workers: int, box: int = 64, repeats: int = 3) -> Ceili
     )
 
 
-def floor_report(particles: int, box: int, modes: int, ceilings: Ceilings, measured_s: float) -> dict:
-    """The work, the floor at `ceilings`, the measured seconds per iteration and their ratio."""
+def floor_report(
+    particles: int, box: int, modes: int, ceilings: Ceilings, measured_s: float, kept: str = "device"
+) -> dict:
+    """The work, the floor at `ceilings` (chunks `kept` as `floor_seconds` says), the measured
+    seconds per iteration and their ratio."""
     work = iteration_work(particles, box, modes)
-    floor = floor_seconds(work, ceilings)
+    floor = floor_seconds(work, ceilings, kept)
     return {
         "ceilings": asdict(ceilings),
         "work": asdict(work),
