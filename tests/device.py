@@ -8,7 +8,8 @@ a NumPy array given to a stand-in function, ufunc, method or kernel raises TypeE
 ("implicit conversion"); `.get()` copies one back. NumPy functions called on device arrays run as
 CuPy's (`__array_function__`), reductions give 0-d device arrays. `RawKernel` runs the kernels of
 `dva.ops.kernels.SOURCE` compiled for the CPU with g++: a loop over the grid, `atomicAdd` a plain
-add (`cpu_kernels`).
+add (`cpu_kernels`). The device memory its arrays hold is counted (`live_device_bytes`,
+`peak_device_bytes`): what a run leaves behind on the "device" shows there.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from __future__ import annotations
 import ctypes
 import shutil
 import subprocess
+import threading
 import types
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
@@ -76,14 +79,16 @@ def cpu_kernels(folder: Path) -> Callable[[tuple], ctypes.CDLL] | None:
         return None
     (folder / "k.cpp").write_text(CUDA_ON_CPU + SOURCE + LAUNCHERS)
     built = {}
+    lock = threading.Lock()  # in-process workers ask for the same build at once
 
     def compile(options: tuple = ()) -> ctypes.CDLL:
-        if options not in built:
-            library = folder / f"k{len(built)}.so"
-            command = ["g++", "-O1", "-shared", "-fPIC", f"-DTHREADS={THREADS}", *options]
-            subprocess.run([*command, "-o", str(library), str(folder / "k.cpp")], check=True)
-            built[options] = ctypes.CDLL(str(library))
-        return built[options]
+        with lock:
+            if options not in built:
+                library = folder / f"k{len(built)}.so"
+                command = ["g++", "-O1", "-shared", "-fPIC", f"-DTHREADS={THREADS}", *options]
+                subprocess.run([*command, "-o", str(library), str(folder / "k.cpp")], check=True)
+                built[options] = ctypes.CDLL(str(library))
+            return built[options]
 
     return compile
 
@@ -115,6 +120,43 @@ def _wrap(value):
     return value
 
 
+_LIVE: dict[int, int] = {}  # bytes of the device buffers alive, by id of the NumPy array owning each
+_PEAK = [0]  # the most bytes alive at once since `reset_peak`
+_LIVE_LOCK = threading.Lock()
+
+
+def live_device_bytes() -> int:
+    """Bytes of "device memory" that device arrays hold now (each buffer once, views not again)."""
+    with _LIVE_LOCK:
+        return sum(_LIVE.values())
+
+
+def peak_device_bytes() -> int:
+    return _PEAK[0]
+
+
+def reset_peak() -> None:
+    _PEAK[0] = live_device_bytes()
+
+
+def _track(array: np.ndarray) -> None:
+    """Count the buffer under `array` as device memory until the array owning it is gone."""
+    root = array
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    with _LIVE_LOCK:
+        if id(root) in _LIVE:
+            return
+        _LIVE[id(root)] = root.nbytes
+        _PEAK[0] = max(_PEAK[0], sum(_LIVE.values()))
+    weakref.finalize(root, _forget, id(root))
+
+
+def _forget(key: int) -> None:
+    with _LIVE_LOCK:
+        _LIVE.pop(key, None)
+
+
 class DeviceArray(NDArrayOperatorsMixin):
     """An array "on the device": a NumPy array that will not mix with NumPy arrays (see module)."""
 
@@ -122,6 +164,7 @@ class DeviceArray(NDArrayOperatorsMixin):
 
     def __init__(self, array: np.ndarray):
         self._a = array
+        _track(array)
 
     def __array__(self, dtype=None, copy=None):
         raise TypeError(IMPLICIT)
