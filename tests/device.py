@@ -4,9 +4,12 @@ where it would fail on a GPU.
 
 Its arrays (`DeviceArray`) hold NumPy arrays but, as CuPy's do, refuse to mix with NumPy arrays:
 a NumPy array given to a stand-in function, ufunc, method or kernel raises TypeError (only
-`asarray`/`array` copy host arrays in), and `np.asarray` of a device array raises TypeError
+`asarray`/`array` copy host arrays in, and `*_like` read their shape), and `np.asarray` of a device
+array raises TypeError
 ("implicit conversion"); `.get()` copies one back. NumPy functions called on device arrays run as
-CuPy's (`__array_function__`), reductions give 0-d device arrays. `RawKernel` runs the kernels of
+CuPy's (`__array_function__`), reductions give 0-d device arrays. It is stricter than CuPy 14
+where CuPy duck-types (`cupy.sum` of a NumPy array quietly runs NumPy's own `sum`): dva should not
+rely on that. `RawKernel` runs the kernels of
 `dva.ops.kernels.SOURCE` compiled for the CPU with g++: a loop over the grid, `atomicAdd` a plain
 add (`cpu_kernels`). The device memory its arrays hold is counted (`live_device_bytes`,
 `peak_device_bytes`): what a run leaves behind on the "device" shows there.
@@ -15,6 +18,7 @@ add (`cpu_kernels`). The device memory its arrays hold is counted (`live_device_
 from __future__ import annotations
 
 import ctypes
+import re
 import shutil
 import subprocess
 import threading
@@ -41,34 +45,34 @@ static thread_local Dim blockIdx, threadIdx, blockDim;  // (in-process workers r
 static double atomicAdd(double* a, double v) { double old = *a; *a += v; return old; }
 """
 LAUNCHERS = r"""
-#define GRID(total, call) blockDim.x = THREADS; \
-    for (blockIdx.x = 0; blockIdx.x < ((total) + THREADS - 1) / THREADS; ++blockIdx.x) \
+#define GRID(call) blockDim.x = THREADS; \
+    for (blockIdx.x = 0; blockIdx.x < blocks; ++blockIdx.x) \
         for (threadIdx.x = 0; threadIdx.x < THREADS; ++threadIdx.x) call;
-#define RUN(name, T, S) extern "C" void run_##name(const S* s, const int* i, const float* w, T* o, \
-    long long points, int channels) { GRID(points * channels, name(s, i, w, o, points, channels)) }
+#define RUN(name, T, S) extern "C" void run_##name(unsigned blocks, const S* s, const int* i, const float* w, T* o, \
+    long long points, int channels) { GRID(name(s, i, w, o, points, channels)) }
 RUN(gather_float32, float, float)
 RUN(gather_float64, double, double)
 RUN(insert_float64, double, double)
-extern "C" void run_slice_stencil(const double* r, const double* kx, const double* ky, int* i, float* w, float* s,
-    long long points, int pixels, int box) { GRID(points, slice_stencil(r, kx, ky, i, w, s, points, pixels, box)) }
+extern "C" void run_slice_stencil(unsigned blocks, const double* r, const double* kx, const double* ky, int* i,
+    float* w, float* s, long long points, int pixels, int box) {
+    GRID(slice_stencil(r, kx, ky, i, w, s, points, pixels, box)) }
 #ifdef MODES
-extern "C" void run_estep_sums(const long long* o, const double* r, const float* y, const float* c, const float* v,
-    const double* kx, const double* ky, const double* w, const unsigned char* in, int box, double sign,
-    double* out, long long particles, int pixels, int segments) {
-    GRID(particles * segments, estep_sums(o, r, y, c, v, kx, ky, w, in, box, sign, out, particles, pixels,
-                                          segments)) }
-extern "C" void run_estep_insert(const long long* o, const double* r, const float* y, const float* c, const float* v,
-    const double* kx, const double* ky, const double* w, const unsigned char* in, const int* shell,
+extern "C" void run_estep_sums(unsigned blocks, const long long* o, const double* r, const float* y, const float* c,
+    const float* v, const double* kx, const double* ky, const double* w, const unsigned char* in, int box,
+    double sign, double* out, long long particles, int pixels, int segments) {
+    GRID(estep_sums(o, r, y, c, v, kx, ky, w, in, box, sign, out, particles, pixels, segments)) }
+extern "C" void run_estep_insert(unsigned blocks, const long long* o, const double* r, const float* y, const float* c,
+    const float* v, const double* kx, const double* ky, const double* w, const unsigned char* in, const int* shell,
     const double* m, int box, double sign, const double* alpha, const double* z, double* power, double* sums,
     long long particles, int pixels, int shells, int segments) {
-    GRID(particles * segments, estep_insert(o, r, y, c, v, kx, ky, w, in, shell, m, box, sign, alpha, z, power,
-                                            sums, particles, pixels, shells, segments)) }
+    GRID(estep_insert(o, r, y, c, v, kx, ky, w, in, shell, m, box, sign, alpha, z, power, sums, particles, pixels,
+                      shells, segments)) }
 #endif
 """
 IMPLICIT = (
     "Implicit conversion to a NumPy array is not allowed. Please use `.get()` to construct a NumPy array explicitly."
 )
-HOST_TO_DEVICE = ("asarray", "array")  # the stand-in functions that take NumPy arrays (copies to the device)
+HOST_TO_DEVICE = ("asarray", "array")  # the stand-in functions that copy NumPy arrays to the device
 NOT_IN_CUPY = ("ctypes", "tofile")  # NumPy array attributes CuPy arrays lack
 
 
@@ -182,10 +186,16 @@ class DeviceArray(NDArrayOperatorsMixin):
         return _wrap(func(*_unwrap(args, where), **_unwrap(kwargs, where)))
 
     def get(self, stream=None, out: np.ndarray | None = None) -> np.ndarray:
+        """A NumPy copy, or the values written into `out` (CuPy's checks: dtype, shape, a
+        C-contiguous `out`)."""
         if out is None:
             return self._a.copy()
-        if not (self._a.flags.c_contiguous and out.flags.c_contiguous and out.shape == self._a.shape):
-            raise RuntimeError("`out` must be a C-contiguous array of the same shape, and so must the device array")
+        if out.dtype != self._a.dtype:
+            raise TypeError(f"{self._a.dtype} array cannot be set to {out.dtype} array")
+        if out.shape != self._a.shape:
+            raise ValueError(f"Shape mismatch. Expected shape: {self._a.shape}, actual shape: {out.shape}")
+        if not out.flags.c_contiguous:
+            raise RuntimeError("`out` cannot be specified when copying to non-contiguous ndarray")
         out[...] = self._a
         return out
 
@@ -251,6 +261,8 @@ def _device_function(name: str, function: Callable) -> Callable:
         if name in HOST_TO_DEVICE:
             source = args[0]._a if isinstance(args[0], DeviceArray) else np.array(args[0], copy=True)
             return _wrap(getattr(np, name)(source, *args[1:], **kwargs))
+        if name.endswith("_like") and isinstance(args[0], np.ndarray):  # CuPy reads only its shape and dtype
+            args = (DeviceArray(np.empty_like(args[0])), *args[1:])
         where = f"cupy.{name}"
         return _wrap(function(*_unwrap(args, where), **_unwrap(kwargs, where)))
 
@@ -273,11 +285,28 @@ def _device_namespace(numpy_module: types.ModuleType, name: str) -> types.Module
     return module
 
 
+C_TYPES = {"long long": np.int64, "double": np.float64, "float": np.float32, "int": np.int32, "unsigned char": np.uint8}
+
+
+def kernel_parameters(source: str) -> dict[str, list[tuple[np.dtype, bool]]]:
+    """Each `extern "C" __global__` kernel's parameters in `source`: (dtype, is a pointer)."""
+    found = {}
+    for name, params in re.findall(r'extern "C" __global__ void (\w+)\(([^)]*)\)', source):
+        found[name] = []
+        for param in params.split(","):
+            kind, star = re.fullmatch(r"\s*(?:const\s+)?([a-z ]+?)\s*(\*?)\s*\w+\s*", param).groups()
+            found[name].append((np.dtype(C_TYPES[kind]), bool(star)))
+    return found
+
+
 class _RawKernelOnCpu:
-    """`cupy.RawKernel` stand-in: runs the kernel compiled for the CPU, checking the launch and
-    that every array it is given is a C-contiguous device array."""
+    """`cupy.RawKernel` stand-in: runs the kernel compiled for the CPU on the grid it is launched
+    with, checking that each argument is what the kernel declares: a C-contiguous device array of
+    its pointer's type, or a NumPy scalar of its type (CuPy passes scalars by their own width: a
+    wrong one misplaces every later argument on the GPU)."""
 
     launched: ClassVar[list[str]] = []  # names, in order
+    parameters: ClassVar[dict] = kernel_parameters(SOURCE)
 
     def __init__(self, compile: Callable, source: str, name: str, options: tuple = ()):
         assert source == SOURCE
@@ -286,18 +315,19 @@ class _RawKernelOnCpu:
     def __call__(self, grid: tuple, block: tuple, args: tuple) -> None:
         assert block == (THREADS,) and len(grid) == 1
         self.launched.append(self.name)
-        scalars = {
-            np.dtype(np.int64): ctypes.c_longlong,
-            np.dtype(np.int32): ctypes.c_int,
-            np.dtype(np.float64): ctypes.c_double,
-        }
-        converted = []
-        for a in _unwrap(args, f"kernel {self.name}"):
-            if isinstance(a, np.ndarray):
-                assert a.flags.c_contiguous, f"kernel {self.name}: a strided array"  # what the kernels index
+        declared = self.parameters[self.name]
+        assert len(args) == len(declared), f"kernel {self.name}: {len(args)} arguments, not {len(declared)}"
+        scalars = {np.int64: ctypes.c_longlong, np.int32: ctypes.c_int, np.float64: ctypes.c_double}
+        converted = [ctypes.c_uint(grid[0])]
+        for i, (a, (dtype, pointer)) in enumerate(zip(_unwrap(args, f"kernel {self.name}"), declared, strict=True)):
+            where = f"kernel {self.name} argument {i}"
+            if pointer:
+                assert isinstance(a, np.ndarray) and a.dtype == dtype, f"{where}: {a!r:.60} for a {dtype} pointer"
+                assert a.flags.c_contiguous, f"{where}: a strided array"  # what the kernels index
                 converted.append(a.ctypes.data_as(ctypes.c_void_p))
             else:
-                converted.append(scalars[a.dtype](a.item()))
+                assert isinstance(a, np.generic) and a.dtype == dtype, f"{where}: {a!r} for a {dtype} scalar"
+                converted.append(scalars[dtype.type](a.item()))
         self.run(*converted)
 
 
@@ -307,8 +337,12 @@ class _Stream:
 
 
 class _MemoryPool:
+    """CuPy's device and pinned memory pools: the stand-in's arrays are freed when they go."""
+
+    freed: ClassVar[int] = 0  # calls of free_all_blocks
+
     def free_all_blocks(self) -> None:
-        pass
+        _MemoryPool.freed += 1
 
 
 def cupy_standin(compile: Callable, free_bytes: int = 8 << 30) -> tuple[types.ModuleType, types.ModuleType]:
@@ -326,6 +360,7 @@ def cupy_standin(compile: Callable, free_bytes: int = 8 << 30) -> tuple[types.Mo
         "RawKernel": lambda source, name, options=(): _RawKernelOnCpu(compile, source, name, options),
         "cuda": cuda,
         "get_default_memory_pool": _MemoryPool,
+        "get_default_pinned_memory_pool": _MemoryPool,
         **submodules,
     }
     cupy.__getattr__ = lambda key: extra[key] if key in extra else base(key)

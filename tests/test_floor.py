@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from dva.em.estep import pair_index
 from dva.engine.floor import H100, Ceilings, floor_seconds, iteration_work, measure_cpu_ceilings
@@ -36,6 +37,8 @@ def test_floor_is_the_slowest_part():
     assert np.isclose(floor_seconds(work, slow_read)["floor_s"], work.scatter_adds / 100e9)  # on the device: no reads
     assert floor_seconds(work, slow_read, "host")["floor_s"] == work.bytes_resident / 0.1e9  # prepared chunks
     assert floor_seconds(work, slow_read, "store")["floor_s"] == work.bytes_stored / 0.1e9  # stored images
+    with pytest.raises(ValueError):
+        floor_seconds(work, slow_read, "disk")
 
 
 def test_cpu_ceilings_are_measured_per_worker():

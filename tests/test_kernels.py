@@ -343,9 +343,9 @@ def test_the_stand_in_refuses_host_arrays_where_cupy_does(numpy_as_cupy):
     for mixed in (
         lambda: device + host,
         lambda: host * device,
-        lambda: xp.concatenate([device, host]),
-        lambda: xp.zeros_like(host),
+        lambda: xp.stack([device, host]),
         lambda: xp.ascontiguousarray(host),
+        lambda: xp.flatnonzero(host),
         lambda: device.dot(host),
         lambda: np.asarray(device),
         lambda: np.concatenate([device, host]),
@@ -353,6 +353,7 @@ def test_the_stand_in_refuses_host_arrays_where_cupy_does(numpy_as_cupy):
     ):
         with pytest.raises(TypeError):
             mixed()
+    assert isinstance(xp.zeros_like(host), xp.ndarray)  # CuPy takes only the shape and dtype there
     total = np.sum(device * 2)  # NumPy functions run as CuPy's: a 0-d device array
     assert isinstance(total, xp.ndarray) and float(total) == 30.0
     device[np.array([0, 1])] = np.array([7.0, 8.0])
@@ -360,3 +361,29 @@ def test_the_stand_in_refuses_host_arrays_where_cupy_does(numpy_as_cupy):
     copied = xp.asarray(host)
     host[0] = -1.0  # asarray copied it to the device
     assert float(copied[0]) == 0.0
+
+
+def test_the_stand_in_checks_kernel_arguments_against_their_declarations(numpy_as_cupy):
+    """A kernel launch through the stand-in takes exactly the arrays and scalar widths its CUDA
+    signature declares (on a GPU a wrong width misplaces the later arguments), and runs the grid it
+    is given: too few blocks leave points undone, as on a GPU."""
+    from dva.ops.kernels import THREADS
+
+    xp = numpy_as_cupy
+    kernel = xp.RawKernel(SOURCE, "gather_float32")
+    points = THREADS + 1
+    arrays = [xp.ones((4, 2), np.float32), xp.zeros((points, 8), np.int32), xp.ones((points, 8), np.float32)]
+    out = xp.zeros((points, 2), np.float32)
+    kernel((1,), (THREADS,), (*arrays, out, np.int64(points), np.int32(2)))  # one block: a thread per value
+    assert float(out.sum()) == THREADS * 8  # each value the sum of 8 weights of 1 times 1
+    kernel((3,), (THREADS,), (*arrays, out, np.int64(points), np.int32(2)))  # enough blocks, and to spare
+    assert float(out.sum()) == 2 * points * 8
+    for wrong in (
+        (*arrays, out.astype(np.float64), np.int64(points), np.int32(2)),  # a double* where float* is declared
+        (*arrays, out, np.int32(points), np.int32(2)),  # an int where long long is declared
+        (*arrays, out, np.int64(points)),  # one argument short
+    ):
+        with pytest.raises(AssertionError):
+            kernel((3,), (THREADS,), wrong)
+    with pytest.raises(TypeError):
+        out.get(out=np.empty((points, 2), np.float64))  # as CuPy: the dtypes must match

@@ -98,7 +98,7 @@ def gpu_cluster(request):
         assert cluster.backend == "cupy"
     else:
         request.getfixturevalue("numpy_as_cupy")
-        local = LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None)
+        local = LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0")
         cluster, tolerance = Cluster(client=Client(local), backend="cupy", local=local), 1e-6
     yield cluster, tolerance
     cluster.close()
@@ -140,6 +140,33 @@ def test_the_job_on_the_gpu_backend_equals_the_numpy_job(store, cluster, gpu_clu
         value, expected = getattr(got, name), getattr(want, name)
         assert isinstance(value, np.ndarray)
         np.testing.assert_allclose(value, expected, rtol=0, atol=tolerance * abs(expected).max(), err_msg=name)
+
+
+def test_gpu_workers_keep_what_the_placement_says_where_it_says(store, gpu_cluster):
+    """The chunks a GPU worker keeps are device arrays, or host arrays in a `HostChunk` where the
+    placement put them in host memory; and a run's end frees CuPy's cached memory."""
+    from distributed import Future
+
+    from dva.engine.placement import place_chunks
+    from dva.engine.tasks import HostChunk, _arrays
+    from tests.device import _MemoryPool
+
+    on_gpu, tolerance = gpu_cluster
+    one_chunk = 100 * chunk_bytes_per_particle(make_band(32))
+    placement = place_chunks(
+        on_gpu.client, str(store[0]), 600, 100, 32, "cupy", 2 * one_chunk, aligned=False, host_bytes=one_chunk
+    )
+    kept = [i for i, s in enumerate(placement.sources) if isinstance(s, Future)]
+    held = on_gpu.client.gather([placement.sources[i] for i in kept])
+    assert [isinstance(h, HostChunk) for h in held] == [placement.on_host[i] for i in kept]
+    assert 0 < placement.host < placement.resident < 600
+    for h in held:
+        arrays = _arrays(h.chunk) if isinstance(h, HostChunk) else _arrays(h)
+        assert all(isinstance(a, np.ndarray) == isinstance(h, HostChunk) for a in arrays)
+    freed = _MemoryPool.freed
+    placement.release(on_gpu.client)
+    if tolerance < 1e-4:  # the stand-in: each worker freed CuPy's device and pinned pools
+        assert _MemoryPool.freed == freed + 2 * len(on_gpu.client.ncores())
 
 
 def test_cpu_workers_keep_no_chunks_in_a_host_tier(store, cluster):
@@ -393,7 +420,7 @@ def test_reads_reuse_a_buffer_and_each_chunk_keeps_its_own_data(store, xp):
     from tests.conftest import to_host
 
     backend = "numpy" if xp is np else "cupy"
-    tasks.end_run()  # no reads ahead, and no free buffers left by other tests to be taken instead
+    tasks.end_run(backend)  # no reads ahead, and no free buffers left by other tests to be taken instead
     sources = [tasks.ChunkSource(str(store[0]), a, a + 100, 32, backend) for a in (0, 300, 100)]
     reads = [tasks.read_chunk(sources[0])]
     chunks = [tasks._prepare(sources[0], reads[0])]
@@ -410,7 +437,7 @@ def test_reads_reuse_a_buffer_and_each_chunk_keeps_its_own_data(store, xp):
             if xp is np:
                 np.testing.assert_array_equal(getattr(chunk, name), want)
     np.testing.assert_array_equal(reads[-1].images, images[100:200])  # what the buffer holds last
-    tasks.end_run()
+    tasks.end_run(backend)
 
 
 def _free_buffers() -> int:

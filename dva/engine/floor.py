@@ -69,7 +69,11 @@ def iteration_work(particles: int, box: int, modes: int, band_pixels: int | None
 def floor_seconds(work: Work, ceilings: Ceilings, kept: str = "device") -> dict:
     """Seconds each part takes at the ceilings, and the floor (the slowest part), with the chunks
     `kept` in device memory, in host memory (prepared: `dva bench --on-host`) or in the store
-    (`"store"`: re-read every pass, `--streamed`)."""
+    (`"store"`: re-read every pass, `--streamed`; its images are charged at the host-to-device
+    rate only, as if read from the page cache: reading and decoding the store is slower, so that
+    floor is a lower bound)."""
+    if kept not in ("device", "host", "store"):
+        raise ValueError(f"kept={kept!r}: device, host or store")
     parts = {
         "memory_s": work.bytes_resident / (ceilings.memory_GBps * 1e9),
         "gather_s": work.gathers / (ceilings.gather_Gps * 1e9),

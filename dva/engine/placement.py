@@ -35,6 +35,7 @@ from dva.engine.tasks import (
     collect_held,
     end_run,
     free_buffers,
+    free_pools,
     held,
     load_chunk,
     load_host_chunk,
@@ -202,7 +203,7 @@ class Placement:
     def release(self, client: Client) -> None:
         client.cancel([s for s in self.sources if isinstance(s, Future)])
         with contextlib.suppress(Exception):
-            client.run(end_run, on_error="ignore")
+            client.run(end_run, self.chunks[0].backend, on_error="ignore")
 
 
 def following(
@@ -242,17 +243,19 @@ def deal_tasks(n: int, chunk: int, workers: int, aligned: bool = True) -> tuple[
 
 def _memory_budget(backend: str, dask_worker=None) -> tuple[int | None, int]:
     """Bytes of prepared chunks this worker may keep where its tasks run (its GPU's memory on GPU
-    workers, else its host memory; None: no limit known) and, on GPU workers, in its host memory
-    besides (0 on CPU workers): a fraction of the memory it has left in each."""
+    workers, else its host memory; None: no limit known) and, on GPU workers with a memory limit,
+    in their host memory besides (else 0): a fraction of the memory it has left in each."""
+    if backend == "cupy":
+        free_pools()  # what an earlier run left cached (its page-locked memory would count as used)
     limit = dask_worker.memory_manager.memory_limit
     used = psutil.Process().memory_info().rss  # the worker's own start-up (libraries, buffers)
-    left = limit - used if limit else psutil.virtual_memory().available
-    host = max(0, int(RESIDENT_FRACTION * left))
+    host = max(0, int(RESIDENT_FRACTION * (limit - used))) if limit else None
     if backend == "cupy":
         import cupy
 
-        return int(RESIDENT_FRACTION * cupy.cuda.runtime.memGetInfo()[0]), host
-    return (host if limit else None), 0
+        # No host tier without a memory limit: workers sharing a node would each lock 40% of it.
+        return int(RESIDENT_FRACTION * cupy.cuda.runtime.memGetInfo()[0]), host or 0
+    return host, 0
 
 
 def place_chunks(

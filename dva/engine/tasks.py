@@ -174,10 +174,22 @@ def free_buffers() -> None:
     _BUFFERS.clear()
 
 
-def end_run() -> None:
-    """Free what this worker kept for reading a run's chunks: its read ahead and its buffers."""
+def end_run(backend: str) -> None:
+    """Free what this worker kept for reading a run's chunks (its read ahead and its buffers) and,
+    on GPU workers, what CuPy keeps cached of the device and page-locked memory freed meanwhile."""
     drop_read_ahead()
     free_buffers()
+    if backend == "cupy":
+        free_pools()
+
+
+def free_pools() -> None:
+    """Give CuPy's cached free device and page-locked host memory back (to the system, to other
+    processes, and to the next run's memory budget)."""
+    import cupy
+
+    cupy.get_default_memory_pool().free_all_blocks()
+    cupy.get_default_pinned_memory_pool().free_all_blocks()
 
 
 def store_error(store: str) -> str | None:
