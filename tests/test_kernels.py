@@ -387,3 +387,28 @@ def test_the_stand_in_checks_kernel_arguments_against_their_declarations(numpy_a
             kernel((3,), (THREADS,), wrong)
     with pytest.raises(TypeError):
         out.get(out=np.empty((points, 2), np.float64))  # as CuPy: the dtypes must match
+
+
+def test_the_gpu_e_step_keeps_no_per_sample_arrays(numpy_as_cupy):
+    """Issue 7: the GPU E-step passes gather the slices on the fly. Through the stand-in (which
+    counts device memory) one chunk's `em_statistics` allocates its M-step sums and the threads'
+    partial sums, far less than one slice stack `(n, P, K+1)` complex64 would take."""
+    from dva.em.chunk import make_band
+    from dva.em.model import Model
+    from dva.ops.slice import half_rows
+    from tests import device
+
+    xp = numpy_as_cupy
+    rng = np.random.default_rng(12)
+    box, n, modes = 64, 2048, 3
+    band = make_band(box, xp)
+    pixels = len(band.flat)
+    chunk, volumes = _random_chunk(rng, n, pixels, box, modes)
+    on_device, model = _on(xp, chunk, Model(volumes, np.ones(box // 2), 0.01, "optimal"))
+    device.reset_peak()
+    before = device.live_device_bytes()
+    out = em_statistics(on_device, model, band, xp=xp)
+    used = device.peak_device_bytes() - before
+    stack = n * pixels * (modes + 1) * 8
+    sums = half_rows(box) * (out["G"].shape[1] + out["b"].shape[1]) * 8
+    assert sums < used < 0.75 * stack, (used, sums, stack)
