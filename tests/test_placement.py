@@ -169,6 +169,18 @@ def test_gpu_workers_keep_what_the_placement_says_where_it_says(store, gpu_clust
         assert _MemoryPool.freed == freed + 2 * len(on_gpu.client.ncores())
 
 
+def test_subset_reconstructions_on_the_gpu_backend_equal_numpys(store, cluster, gpu_cluster):
+    """The display job's reconstructions of weighted particle subsets (`reconstruct_subsets`) on the
+    GPU backend equal those of NumPy workers."""
+    from dva.engine.reconstruct import reconstruct_subsets
+
+    on_gpu, tolerance = gpu_cluster
+    weights = np.random.default_rng(4).random((600, 3))
+    want = reconstruct_subsets(store[0], weights, 32, "input", 1.0, cluster)
+    got = reconstruct_subsets(store[0], weights, 32, "input", 1.0, on_gpu)
+    np.testing.assert_allclose(got, want, rtol=0, atol=tolerance * abs(want).max())
+
+
 def test_cpu_workers_keep_no_chunks_in_a_host_tier(store, cluster):
     """A host tier is for GPU workers (whose tasks run in device memory); CPU workers' host memory
     is where their tasks run, so what does not fit there is streamed."""
