@@ -31,7 +31,7 @@ from typing import ClassVar
 import numpy as np
 from numpy.lib.mixins import NDArrayOperatorsMixin
 
-from dva.ops.kernels import SOURCE, THREADS
+from dva.ops.kernels import SOURCE
 
 CUDA_ON_CPU = r"""
 #include <cmath>
@@ -45,23 +45,23 @@ static thread_local Dim blockIdx, threadIdx, blockDim;  // (in-process workers r
 static double atomicAdd(double* a, double v) { double old = *a; *a += v; return old; }
 """
 LAUNCHERS = r"""
-#define GRID(call) blockDim.x = THREADS; \
+#define GRID(call) blockDim.x = threads; \
     for (blockIdx.x = 0; blockIdx.x < blocks; ++blockIdx.x) \
-        for (threadIdx.x = 0; threadIdx.x < THREADS; ++threadIdx.x) call;
-#define RUN(name, T, S) extern "C" void run_##name(unsigned blocks, const S* s, const int* i, const float* w, T* o, \
+        for (threadIdx.x = 0; threadIdx.x < threads; ++threadIdx.x) call;
+#define LAUNCH unsigned blocks, unsigned threads
+#define RUN(name, T, S) extern "C" void run_##name(LAUNCH, const S* s, const int* i, const float* w, T* o, \
     long long points, int channels) { GRID(name(s, i, w, o, points, channels)) }
 RUN(gather_float32, float, float)
 RUN(gather_float64, double, double)
 RUN(insert_float64, double, double)
-extern "C" void run_slice_stencil(unsigned blocks, const double* r, const double* kx, const double* ky, int* i,
-    float* w, float* s, long long points, int pixels, int box) {
-    GRID(slice_stencil(r, kx, ky, i, w, s, points, pixels, box)) }
+extern "C" void run_slice_stencil(LAUNCH, const double* r, const double* kx, const double* ky, int* i, float* w,
+    float* s, long long points, int pixels, int box) { GRID(slice_stencil(r, kx, ky, i, w, s, points, pixels, box)) }
 #ifdef MODES
-extern "C" void run_estep_sums(unsigned blocks, const long long* o, const double* r, const float* y, const float* c,
+extern "C" void run_estep_sums(LAUNCH, const long long* o, const double* r, const float* y, const float* c,
     const float* v, const double* kx, const double* ky, const double* w, const unsigned char* in, int box,
     double sign, double* out, long long particles, int pixels, int segments) {
     GRID(estep_sums(o, r, y, c, v, kx, ky, w, in, box, sign, out, particles, pixels, segments)) }
-extern "C" void run_estep_insert(unsigned blocks, const long long* o, const double* r, const float* y, const float* c,
+extern "C" void run_estep_insert(LAUNCH, const long long* o, const double* r, const float* y, const float* c,
     const float* v, const double* kx, const double* ky, const double* w, const unsigned char* in, const int* shell,
     const double* m, int box, double sign, const double* alpha, const double* z, double* power, double* sums,
     long long particles, int pixels, int shells, int segments) {
@@ -89,7 +89,7 @@ def cpu_kernels(folder: Path) -> Callable[[tuple], ctypes.CDLL] | None:
         with lock:
             if options not in built:
                 library = folder / f"k{len(built)}.so"
-                command = ["g++", "-O1", "-shared", "-fPIC", f"-DTHREADS={THREADS}", *options]
+                command = ["g++", "-O1", "-shared", "-fPIC", *options]
                 subprocess.run([*command, "-o", str(library), str(folder / "k.cpp")], check=True)
                 built[options] = ctypes.CDLL(str(library))
             return built[options]
@@ -310,15 +310,16 @@ class _RawKernelOnCpu:
 
     def __init__(self, compile: Callable, source: str, name: str, options: tuple = ()):
         assert source == SOURCE
-        self.name, self.run = name, getattr(compile(tuple(options)), f"run_{name}")
+        defines = tuple(o for o in options if o.startswith("-D"))  # (NVRTC's register cap means nothing to g++)
+        self.name, self.run = name, getattr(compile(defines), f"run_{name}")
 
     def __call__(self, grid: tuple, block: tuple, args: tuple) -> None:
-        assert block == (THREADS,) and len(grid) == 1
+        assert len(block) == 1 and len(grid) == 1
         self.launched.append(self.name)
         declared = self.parameters[self.name]
         assert len(args) == len(declared), f"kernel {self.name}: {len(args)} arguments, not {len(declared)}"
         scalars = {np.int64: ctypes.c_longlong, np.int32: ctypes.c_int, np.float64: ctypes.c_double}
-        converted = [ctypes.c_uint(grid[0])]
+        converted = [ctypes.c_uint(grid[0]), ctypes.c_uint(block[0])]
         for i, (a, (dtype, pointer)) in enumerate(zip(_unwrap(args, f"kernel {self.name}"), declared, strict=True)):
             where = f"kernel {self.name} argument {i}"
             if pointer:

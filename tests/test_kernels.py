@@ -287,15 +287,17 @@ def _nvrtc():
     return ctypes.CDLL(found[-1])
 
 
-@pytest.mark.parametrize("modes", [None, 1, 3, 10])
-def test_the_cuda_source_compiles_for_the_h100(modes):
+@pytest.mark.parametrize(("modes", "registers"), [(None, None), (1, None), (3, None), (10, None), (3, 96)])
+def test_the_cuda_source_compiles_for_the_h100(modes, registers):
     """`SOURCE` through NVRTC to H100 machine code (sm_90, ptxas run), with the E-step passes at K =
-    1, 3 and 10 (`-DMODES`): the CUDA-only code the g++ stand-in cannot see (intrinsics, `atomicAdd`
-    on doubles, templates, `#pragma unroll`) compiles as CuPy will compile it."""
+    1, 3 and 10 (`-DMODES`), and with a register cap (`kernels.MAX_REGISTERS`): the CUDA-only code
+    the g++ stand-in cannot see (intrinsics, `atomicAdd` on doubles, templates, `#pragma unroll`)
+    compiles as CuPy will compile it."""
     nvrtc = _nvrtc()
     program = ctypes.c_void_p()
     assert nvrtc.nvrtcCreateProgram(ctypes.byref(program), SOURCE.encode(), b"dva.cu", 0, None, None) == 0
     options = [b"-arch=sm_90", *([] if modes is None else [f"-DMODES={modes}".encode()])]
+    options += [] if registers is None else [f"--maxrregcount={registers}".encode()]
     status = nvrtc.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options))
     size = ctypes.c_size_t()
     nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))

@@ -272,14 +272,23 @@ THREADS = 256  # per block
 
 
 RESIDENT_THREADS = 2**18  # threads an E-step pass aims to launch (an H100 keeps ~270k resident)
+# Registers per thread the kernels may use (NVRTC --maxrregcount; None: the compiler's choice). At
+# K = 3 the E-step's sums pass takes 128 (sm_90), so 2 blocks of 256 threads fit an SM (25% of its
+# threads); capped at 96 it does not spill (5 blocks of 128 threads), at 80 or 64 it spills 100 or
+# 268 bytes (3 or 4 blocks of 256). Untuned: `tests/benchmarks/kernels.py` sweeps it on a GPU.
+MAX_REGISTERS: int | None = None
 
 
 @functools.cache
 def _kernel(name: str, modes: int | None = None):
-    """Kernel `name` of `SOURCE`, compiled with `MODES` defined for the E-step passes."""
+    """Kernel `name` of `SOURCE`, compiled with `MODES` defined for the E-step passes (and the
+    register cap `MAX_REGISTERS` when set: clear this cache after changing it)."""
     import cupy
 
-    return cupy.RawKernel(SOURCE, name, options=() if modes is None else (f"-DMODES={modes}",))
+    options = () if modes is None else (f"-DMODES={modes}",)
+    if MAX_REGISTERS is not None:
+        options += (f"--maxrregcount={MAX_REGISTERS}",)
+    return cupy.RawKernel(SOURCE, name, options=options)
 
 
 def _run(name: str, threads: int, *args, modes: int | None = None) -> None:

@@ -1,6 +1,7 @@
 """The E-step passes alone, timed on one chunk of synthetic particles: each pass's seconds, samples
 per second and (second pass) scatter-adds per second against the floor model's ceilings, and on a
-GPU the same over launch shapes (threads per block, threads aimed at per pass), to tune them.
+GPU the same over launch shapes (threads per block, threads aimed at per pass, registers per
+thread), to tune them.
 
     python tests/benchmarks/kernels.py --box 128 --modes 3 --particles 8192
     python tests/benchmarks/kernels.py --box 256 --modes 10 --particles 2048 --no-sweep
@@ -62,8 +63,8 @@ def timed(function, xp, repeats: int) -> float:
     return statistics.median(seconds)
 
 
-def measure(particles: int, box: int, modes: int, xp, repeats: int) -> dict:
-    chunk, model = synthetic(particles, box, modes, xp)
+def measure(chunk: Chunk, model: Model, box: int, xp, repeats: int) -> dict:
+    particles, modes = len(chunk.y), model.modes
     band = make_band(box, xp)
     on_device = Model(xp.asarray(model.volumes), xp.asarray(model.noise_inverse), model.eps, model.scale)
     shared = _kernel_arguments(chunk, on_device, band, xp)
@@ -101,14 +102,25 @@ def main() -> None:
         from dva.ops import kernels
     else:
         xp = np
-    shapes = [(None, None)]
+    shapes = [(None, None, None)]  # dva's own, then each knob moved from it (threads, aim, register cap)
     if on_gpu and not args.no_sweep:
-        shapes += [(block, aim) for block in (128, 256) for aim in (2**16, 2**18, 2**20)]
-    for block, aim in shapes:
+        shapes += [(128, 2**18, None), (256, 2**16, None), (256, 2**20, None)]
+        shapes += [(256, 2**18, 64), (256, 2**18, 80), (128, 2**18, 96)]
+    chunk, model = synthetic(args.particles, args.box, args.modes, xp)
+    for block, aim, cap in shapes:
         if block is not None:
-            kernels.THREADS, kernels.RESIDENT_THREADS = block, aim
-        found = measure(args.particles, args.box, args.modes, xp, args.repeats)
-        launch = {"threads_per_block": kernels.THREADS, "threads_aimed": kernels.RESIDENT_THREADS} if on_gpu else {}
+            kernels.THREADS, kernels.RESIDENT_THREADS, kernels.MAX_REGISTERS = block, aim, cap
+            kernels._kernel.cache_clear()
+        found = measure(chunk, model, args.box, xp, args.repeats)
+        launch = (
+            {
+                "threads_per_block": kernels.THREADS,
+                "threads_aimed": kernels.RESIDENT_THREADS,
+                "max_registers": kernels.MAX_REGISTERS,
+            }
+            if on_gpu
+            else {}
+        )
         print(
             json.dumps(
                 {
