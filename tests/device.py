@@ -337,6 +337,18 @@ class _Stream:
         pass
 
 
+class _Device:
+    """`cupy.cuda.Device`: `use()` records the index made current."""
+
+    used: ClassVar[list[int]] = []
+
+    def __init__(self, index: int = 0):
+        self.index = index
+
+    def use(self) -> None:
+        _Device.used.append(self.index)
+
+
 class _MemoryPool:
     """CuPy's device and pinned memory pools: the stand-in's arrays are freed when they go."""
 
@@ -354,6 +366,7 @@ def cupy_standin(compile: Callable, free_bytes: int = 8 << 30) -> tuple[types.Mo
     cuda = types.SimpleNamespace(
         runtime=types.SimpleNamespace(memGetInfo=lambda: (free_bytes, 2 * free_bytes), getDeviceCount=lambda: 1),
         get_current_stream=_Stream,
+        Device=_Device,
     )
     extra = {
         "ndarray": DeviceArray,

@@ -40,16 +40,26 @@ WORKER_LOG_LEVEL = logging.CRITICAL
 
 @dataclass
 class Cluster:
-    """A connected client, the array backend its workers use, and what to close at the end."""
+    """A connected client, the array backend its workers use, what to close at the end, and the
+    GPU (an index among those this process sees) where the driver works when the workers use CuPy
+    and this process sees a GPU: the first of an embedded cluster's `--gpus`."""
 
     client: Client
     backend: str  # "numpy" or "cupy"
     local: LocalCluster | None
+    driver_gpu: int = 0
 
     def close(self) -> None:
         self.client.close()
         if self.local is not None:
             self.local.close()
+
+
+def first_gpu(gpus: str | None) -> int:
+    """The first GPU of `--gpus` ("2,3" → 2) as this process numbers them; 0 for all GPUs, or when it
+    is named by UUID."""
+    first = (gpus or "").split(",")[0].strip()
+    return int(first) if first.isdigit() else 0
 
 
 def gpu_count() -> int:
@@ -150,7 +160,7 @@ def connect(
                 dashboard_address=dashboard,
                 silence_logs=WORKER_LOG_LEVEL,
             )
-        return Cluster(client=Client(local), backend="cupy", local=local)
+        return Cluster(client=Client(local), backend="cupy", local=local, driver_gpu=first_gpu(gpus))
     # dask sets MALLOC_TRIM_THRESHOLD_ (64 kB) in workers, which also pins glibc's mmap threshold:
     # every large temporary is then mmapped and unmapped, and the E/M pass ran 2x slower. Keep them
     # on the heap, and the heap's top too (with a 64 kB trim every batch's temporaries went back to

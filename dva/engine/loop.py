@@ -124,12 +124,17 @@ def compare_halves(components: list[np.ndarray], z: list[np.ndarray], pixel_size
     }
 
 
-def driver_module(backend: str) -> ModuleType:
-    """Where the driver's per-iteration work runs (`update_components`, `fourier_stack`): on its own
-    GPU when the workers run CuPy and this process sees one, else NumPy. On one CPU core it takes
-    ~0.4 s per iteration at box 128, K=3 (per-voxel solves 0.18 s, filters and transforms 0.25 s),
-    a quarter of a 30 s / 20-iteration budget."""
-    return array_module(backend) if backend == "cupy" and gpu_count() > 0 else np
+def driver_module(cluster: Cluster) -> ModuleType:
+    """Where the driver's per-iteration work runs (`update_components`, `fourier_stack`): on the
+    cluster's `driver_gpu` (made this thread's current device) when the workers run CuPy and this
+    process sees a GPU, else NumPy. On one CPU core it takes ~0.4 s per iteration at box 128, K=3
+    (per-voxel solves 0.18 s, filters and transforms 0.25 s), a quarter of a 30 s / 20-iteration
+    budget."""
+    if cluster.backend != "cupy" or gpu_count() == 0:
+        return np
+    xp = array_module(cluster.backend)
+    xp.cuda.Device(cluster.driver_gpu).use()
+    return xp
 
 
 def update_components(
@@ -239,7 +244,7 @@ def run_3dva(
     identity = _identity(store, n, params)
     saved = resume_point(checkpoint, store, params) if resume else None
     client, backend = cluster.client, cluster.backend
-    driver = driver_module(backend)
+    driver = driver_module(cluster)
     mask_on_driver, filt_on_driver = driver.asarray(mask), driver.asarray(filt)
     chunk, aligned = task_limits(images)
     placement = place_chunks(client, store, n, chunk, box, backend, resident_bytes, aligned, host_bytes)
