@@ -56,9 +56,13 @@ class Cluster:
 
 
 def first_gpu(gpus: str | None) -> int:
-    """The first GPU of `--gpus` ("2,3" → 2) as this process numbers them; 0 for all GPUs, or when it
-    is named by UUID."""
+    """The first GPU of `--gpus` ("2,3" → 2: the machine's numbers, as the workers take them) as this
+    process numbers them: its place in this process's `CUDA_VISIBLE_DEVICES` when that is set.
+    0 for all GPUs, for a GPU named by UUID, or one this process does not see."""
     first = (gpus or "").split(",")[0].strip()
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if visible:
+        return visible.index(first) if first in visible else 0
     return int(first) if first.isdigit() else 0
 
 
