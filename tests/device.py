@@ -190,6 +190,8 @@ class DeviceArray(NDArrayOperatorsMixin):
         C-contiguous `out`)."""
         if out is None:
             return self._a.copy()
+        if not isinstance(out, np.ndarray):
+            raise TypeError("`out` must be a numpy.ndarray")
         if out.dtype != self._a.dtype:
             raise TypeError(f"{self._a.dtype} array cannot be set to {out.dtype} array")
         if out.shape != self._a.shape:
@@ -310,11 +312,12 @@ class _RawKernelOnCpu:
 
     def __init__(self, compile: Callable, source: str, name: str, options: tuple = ()):
         assert source == SOURCE
-        defines = tuple(o for o in options if o.startswith("-D"))  # (NVRTC's register cap means nothing to g++)
+        defines = tuple(o for o in options if o.startswith("-D"))
+        assert all(o.startswith(("-D", "--maxrregcount=")) for o in options), options  # (the cap means nothing to g++)
         self.name, self.run = name, getattr(compile(defines), f"run_{name}")
 
     def __call__(self, grid: tuple, block: tuple, args: tuple) -> None:
-        assert len(block) == 1 and len(grid) == 1
+        assert len(block) == 1 and len(grid) == 1 and 0 < block[0] <= 1024 and 0 < grid[0] < 2**31  # CUDA's limits
         self.launched.append(self.name)
         declared = self.parameters[self.name]
         assert len(args) == len(declared), f"kernel {self.name}: {len(args)} arguments, not {len(declared)}"
@@ -337,12 +340,17 @@ class _Stream:
         pass
 
 
+DEVICES = 4  # GPUs the stand-in's "machine" has
+
+
 class _Device:
     """`cupy.cuda.Device`: `use()` records the index made current."""
 
     used: ClassVar[list[int]] = []
 
     def __init__(self, index: int = 0):
+        if not 0 <= index < DEVICES:
+            raise RuntimeError(f"cudaErrorInvalidDevice: invalid device ordinal {index}")
         self.index = index
 
     def use(self) -> None:
@@ -350,12 +358,13 @@ class _Device:
 
 
 class _MemoryPool:
-    """CuPy's device and pinned memory pools: the stand-in's arrays are freed when they go."""
+    """CuPy's device and pinned memory pools (the stand-in's arrays are freed when they go):
+    `free_all_blocks` records the device bytes still alive when it is called."""
 
-    freed: ClassVar[int] = 0  # calls of free_all_blocks
+    live_at_free: ClassVar[list[int]] = []
 
     def free_all_blocks(self) -> None:
-        _MemoryPool.freed += 1
+        _MemoryPool.live_at_free.append(live_device_bytes())
 
 
 def cupy_standin(compile: Callable, free_bytes: int = 8 << 30) -> tuple[types.ModuleType, types.ModuleType]:
@@ -364,7 +373,7 @@ def cupy_standin(compile: Callable, free_bytes: int = 8 << 30) -> tuple[types.Mo
     base = cupy.__getattr__
     submodules = {name: _device_namespace(getattr(np, name), f"cupy.{name}") for name in ("fft", "linalg")}
     cuda = types.SimpleNamespace(
-        runtime=types.SimpleNamespace(memGetInfo=lambda: (free_bytes, 2 * free_bytes), getDeviceCount=lambda: 1),
+        runtime=types.SimpleNamespace(memGetInfo=lambda: (free_bytes, 2 * free_bytes), getDeviceCount=lambda: DEVICES),
         get_current_stream=_Stream,
         Device=_Device,
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from dva.em.estep import pair_index
 from dva.engine.floor import H100, Ceilings, floor_seconds, iteration_work, measure_cpu_ceilings
@@ -35,10 +34,13 @@ def test_floor_is_the_slowest_part():
     assert np.isclose(floor["scatter_s"], work.scatter_adds / 72e9)
     slow_read = Ceilings("slow link", 1000.0, 100.0, 100.0, read_GBps=0.1)
     assert np.isclose(floor_seconds(work, slow_read)["floor_s"], work.scatter_adds / 100e9)  # on the device: no reads
-    assert floor_seconds(work, slow_read, "host")["floor_s"] == work.bytes_resident / 0.1e9  # prepared chunks
-    assert floor_seconds(work, slow_read, "store")["floor_s"] == work.bytes_stored / 0.1e9  # stored images
-    with pytest.raises(ValueError):
-        floor_seconds(work, slow_read, "disk")
+    all_on_host = floor_seconds(work, slow_read, host=work.particles)["floor_s"]
+    assert np.isclose(all_on_host, work.bytes_resident / 0.1e9)  # prepared chunks
+    all_streamed = floor_seconds(work, slow_read, streamed=work.particles)["floor_s"]
+    assert np.isclose(all_streamed, work.bytes_stored / 0.1e9)  # stored images
+    # a run with a quarter of its particles in host memory and a quarter streamed: each at its own bytes
+    mixed = floor_seconds(work, slow_read, work.particles // 4, work.particles // 4)["read_s"]
+    assert np.isclose(mixed, (work.bytes_resident + work.bytes_stored) / 4 / 0.1e9)
 
 
 def test_cpu_ceilings_are_measured_per_worker():

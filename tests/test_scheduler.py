@@ -155,10 +155,12 @@ def test_embedded_workers_keep_large_temporaries_off_mmap(memory_limit):
     assert started == restarted == (str(MMAP_THRESHOLD), str(trim))
 
 
-@pytest.mark.parametrize(("gpus", "first"), [(None, 0), ("", 0), ("2", 2), ("1,3", 1), (" 3 , 0", 3), ("GPU-8f2e", 0)])
+@pytest.mark.parametrize(
+    ("gpus", "first"), [(None, 0), ("", 0), ("2", 2), ("1,3", 1), (" 3 , 0", 3), ("GPU-8f2e", None)]
+)
 def test_the_driver_works_on_the_first_of_the_gpus_given(gpus, first, numpy_as_cupy, monkeypatch):
-    """`--gpus 1,3` puts the driver's work on GPU 1 (not on GPU 0, which may be someone else's);
-    the driver works on NumPy when the workers do."""
+    """`--gpus 1,3` puts the driver's work on GPU 1 (not on GPU 0, which may be someone else's); on
+    NumPy when it cannot tell which GPU that is (a UUID), or when the workers work on NumPy."""
     from dva.engine.cluster import Cluster, first_gpu
     from dva.engine.loop import driver_module
     from tests.device import _Device
@@ -166,8 +168,9 @@ def test_the_driver_works_on_the_first_of_the_gpus_given(gpus, first, numpy_as_c
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert first_gpu(gpus) == first
     _Device.used.clear()
-    assert driver_module(Cluster(client=None, backend="cupy", local=None, driver_gpu=first_gpu(gpus))) is numpy_as_cupy
-    assert _Device.used == [first]
+    driver = driver_module(Cluster(client=None, backend="cupy", local=None, driver_gpu=first_gpu(gpus)))
+    assert driver is (np if first is None else numpy_as_cupy)
+    assert _Device.used == ([] if first is None else [first])
     assert driver_module(Cluster(client=None, backend="numpy", local=None)) is np
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,3")  # this process sees the machine's GPUs 1 and 3 only
-    assert (first_gpu("3"), first_gpu("1,3"), first_gpu("2")) == (1, 0, 0)
+    assert (first_gpu("3"), first_gpu("1,3"), first_gpu("2")) == (1, 0, None)

@@ -14,7 +14,7 @@ import numpy as np
 
 from dva.engine.cluster import connect
 from dva.engine.floor import H100, floor_report, measure_cpu_ceilings
-from dva.engine.loop import Result, RunParams, run_3dva
+from dva.engine.loop import RunParams, run_3dva
 from dva.io.atomic import atomic_path
 from dva.io.star import read_star
 from dva.io.store import import_particles
@@ -49,13 +49,6 @@ def dataset(folder: Path, particles: int, box: int, chunk_size: int | None) -> t
     with atomic_path(marker) as tmp:
         tmp.write_text(json.dumps(key))
     return sim, store
-
-
-def _kept(result: Result, particles: int) -> str:
-    """Where the run's slowest chunks came from every pass (`floor.floor_seconds`)."""
-    if result.resident_particles < particles:
-        return "store"
-    return "host" if result.host_particles else "device"
 
 
 def _phases(metrics: list[dict]) -> dict:
@@ -130,5 +123,13 @@ def bench(
         "mean_pass_s": result.timings["mean_s"],
         "prepare_s": prepare_s,
         "peak_worker_rss_mb": sorted(round(v, 1) for v in peaks.values()),
-        "floor": floor_report(particles, result.box, modes, ceilings, median, _kept(result, particles)),
+        "floor": floor_report(
+            particles,
+            result.box,
+            modes,
+            ceilings,
+            median,
+            host=result.host_particles,
+            streamed=particles - result.resident_particles,
+        ),
     }

@@ -42,12 +42,13 @@ WORKER_LOG_LEVEL = logging.CRITICAL
 class Cluster:
     """A connected client, the array backend its workers use, what to close at the end, and the
     GPU (an index among those this process sees) where the driver works when the workers use CuPy
-    and this process sees a GPU: the first of an embedded cluster's `--gpus`."""
+    and this process sees a GPU: the first of an embedded cluster's `--gpus` (None: the driver
+    works on NumPy, not on a GPU it cannot tell is one of those)."""
 
     client: Client
     backend: str  # "numpy" or "cupy"
     local: LocalCluster | None
-    driver_gpu: int = 0
+    driver_gpu: int | None = 0
 
     def close(self) -> None:
         self.client.close()
@@ -55,15 +56,17 @@ class Cluster:
             self.local.close()
 
 
-def first_gpu(gpus: str | None) -> int:
+def first_gpu(gpus: str | None) -> int | None:
     """The first GPU of `--gpus` ("2,3" → 2: the machine's numbers, as the workers take them) as this
-    process numbers them: its place in this process's `CUDA_VISIBLE_DEVICES` when that is set.
-    0 for all GPUs, for a GPU named by UUID, or one this process does not see."""
-    first = (gpus or "").split(",")[0].strip()
+    process numbers them: its place in this process's `CUDA_VISIBLE_DEVICES` when that is set. 0
+    for all GPUs; None for a GPU named otherwise (a UUID) or one this process does not see."""
+    if not gpus:
+        return 0
+    first = gpus.split(",")[0].strip()
     visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
     if visible:
-        return visible.index(first) if first in visible else 0
-    return int(first) if first.isdigit() else 0
+        return visible.index(first) if first in visible else None
+    return int(first) if first.isdigit() else None
 
 
 def gpu_count() -> int:

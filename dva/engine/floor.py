@@ -66,21 +66,19 @@ def iteration_work(particles: int, box: int, modes: int, band_pixels: int | None
     )
 
 
-def floor_seconds(work: Work, ceilings: Ceilings, kept: str = "device") -> dict:
-    """Seconds each part takes at the ceilings, and the floor (the slowest part), with the chunks
-    `kept` in device memory, in host memory (prepared: `dva bench --on-host`) or in the store
-    (`"store"`: re-read every pass, `--streamed`; its images are charged at the host-to-device
-    rate only, as if read from the page cache: reading and decoding the store is slower, so that
-    floor is a lower bound)."""
-    if kept not in ("device", "host", "store"):
-        raise ValueError(f"kept={kept!r}: device, host or store")
+def floor_seconds(work: Work, ceilings: Ceilings, host: int = 0, streamed: int = 0) -> dict:
+    """Seconds each part takes at the ceilings, and the floor (the slowest part). Of the
+    particles, `host` have their prepared chunks kept in host memory (`dva bench --on-host`) and
+    `streamed` are re-read from the store every pass (`--streamed`): both come over at the
+    host-to-device rate, the streamed ones as stored images (as if from the page cache; reading
+    and decoding the store is slower, so the floor stays a lower bound)."""
     parts = {
         "memory_s": work.bytes_resident / (ceilings.memory_GBps * 1e9),
         "gather_s": work.gathers / (ceilings.gather_Gps * 1e9),
         "scatter_s": work.scatter_adds / (ceilings.scatter_Gps * 1e9),
     }
-    if kept != "device" and ceilings.read_GBps:
-        moved = work.bytes_resident if kept == "host" else work.bytes_stored
+    if (host or streamed) and ceilings.read_GBps:
+        moved = (host * work.bytes_resident + streamed * work.bytes_stored) / work.particles
         parts["read_s"] = moved / (ceilings.read_GBps * 1e9)
     return {**parts, "floor_s": max(parts.values())}
 
@@ -117,12 +115,12 @@ def measure_cpu_ceilings(workers: int, box: int = 64, repeats: int = 3) -> Ceili
 
 
 def floor_report(
-    particles: int, box: int, modes: int, ceilings: Ceilings, measured_s: float, kept: str = "device"
+    particles: int, box: int, modes: int, ceilings: Ceilings, measured_s: float, host: int = 0, streamed: int = 0
 ) -> dict:
-    """The work, the floor at `ceilings` (chunks `kept` as `floor_seconds` says), the measured
-    seconds per iteration and their ratio."""
+    """The work, the floor at `ceilings` (with `host` and `streamed` particles as `floor_seconds`
+    says), the measured seconds per iteration and their ratio."""
     work = iteration_work(particles, box, modes)
-    floor = floor_seconds(work, ceilings, kept)
+    floor = floor_seconds(work, ceilings, host, streamed)
     return {
         "ceilings": asdict(ceilings),
         "work": asdict(work),

@@ -127,10 +127,10 @@ def compare_halves(components: list[np.ndarray], z: list[np.ndarray], pixel_size
 def driver_module(cluster: Cluster) -> ModuleType:
     """Where the driver's per-iteration work runs (`update_components`, `fourier_stack`): on the
     cluster's `driver_gpu` (made this thread's current device) when the workers run CuPy and this
-    process sees a GPU, else NumPy. On one CPU core it takes ~0.4 s per iteration at box 128, K=3
-    (per-voxel solves 0.18 s, filters and transforms 0.25 s), a quarter of a 30 s / 20-iteration
-    budget."""
-    if cluster.backend != "cupy" or gpu_count() == 0:
+    process sees a GPU, else (or with no `driver_gpu`) NumPy. On one CPU core it takes ~0.4 s per
+    iteration at box 128, K=3 (per-voxel solves 0.18 s, filters and transforms 0.25 s), a quarter
+    of a 30 s / 20-iteration budget."""
+    if cluster.backend != "cupy" or cluster.driver_gpu is None or gpu_count() == 0:
         return np
     xp = array_module(cluster.backend)
     xp.cuda.Device(cluster.driver_gpu).use()
@@ -364,6 +364,8 @@ def run_3dva(
         halves["particles"] = [int((labels == h).sum()) for h in (0, 1)]
         timings["halfsets_s"] = time.perf_counter() - t_half
     placement.release(client)
+    if driver is not np:
+        driver.get_default_memory_pool().free_all_blocks()  # the M-step's cached memory: the run is over
     timings["total_s"] = time.perf_counter() - t0
     return Result(
         mean=mean,

@@ -201,9 +201,11 @@ class Placement:
             self.sources[i] = replace(self.chunks[i], following=later)
 
     def release(self, client: Client) -> None:
-        client.cancel([s for s in self.sources if isinstance(s, Future)])
+        """Drop the kept chunks, then free what the workers kept for the run (`tasks.end_run`)."""
+        kept = [s for s in self.sources if isinstance(s, Future)]
+        client.cancel(kept)
         with contextlib.suppress(Exception):
-            client.run(end_run, self.chunks[0].backend, on_error="ignore")
+            client.run(end_run, self.chunks[0].backend, [f.key for f in kept], on_error="ignore")
 
 
 def following(
@@ -245,8 +247,9 @@ def _memory_budget(backend: str, dask_worker=None) -> tuple[int | None, int]:
     """Bytes of prepared chunks this worker may keep where its tasks run (its GPU's memory on GPU
     workers, else its host memory; None: no limit known) and, on GPU workers with a memory limit,
     in their host memory besides (else 0): a fraction of the memory it has left in each."""
+    free_buffers()  # what a failed run may have left (page-locked ones would count as used below)
     if backend == "cupy":
-        free_pools()  # what an earlier run left cached (its page-locked memory would count as used)
+        free_pools()  # what an earlier run left cached (the same)
     limit = dask_worker.memory_manager.memory_limit
     used = psutil.Process().memory_info().rss  # the worker's own start-up (libraries, buffers)
     host = max(0, int(RESIDENT_FRACTION * (limit - used))) if limit else None

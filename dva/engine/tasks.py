@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -70,6 +72,7 @@ class Read:
 # read its 134 MB at 1.3 GB/s here; two threads read 2.1 GB/s on 2 cores); a CPU worker's own
 # preparation is the slower part (0.2-0.4 s per 2,048 of box 64), so one chunk ahead does.
 READ_AHEAD = {"numpy": 1, "cupy": 3}
+RELEASE_WAIT_S = 10.0  # at most, for a worker to let go of a run's chunks before it frees their memory
 _BUFFERS = BufferPool(keep=max(READ_AHEAD.values()) + 1)  # this worker's host buffers for reads
 _READER = ThreadPoolExecutor(max_workers=max(READ_AHEAD.values()), thread_name_prefix="dva-read-ahead")
 _AHEAD: dict[ChunkSource, Future] = {}  # the reads ahead on this worker, by source
@@ -174,13 +177,23 @@ def free_buffers() -> None:
     _BUFFERS.clear()
 
 
-def end_run(backend: str) -> None:
+def forget_run(backend: str) -> None:
     """Free what this worker kept for reading a run's chunks (its read ahead and its buffers) and,
     on GPU workers, what CuPy keeps cached of the device and page-locked memory freed meanwhile."""
     drop_read_ahead()
     free_buffers()
     if backend == "cupy":
         free_pools()
+
+
+async def end_run(backend: str, kept: list, dask_worker=None) -> None:
+    """`forget_run` once this worker has let go of the `kept` chunks (keys of cancelled futures: it
+    hears of that after the cancel returns), or after `RELEASE_WAIT_S`; on the worker's event loop
+    (`Client.run`), which must stay free meanwhile to hear it."""
+    deadline = time.monotonic() + RELEASE_WAIT_S
+    while any(key in dask_worker.data for key in kept) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    forget_run(backend)
 
 
 def free_pools() -> None:

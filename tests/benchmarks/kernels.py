@@ -102,10 +102,12 @@ def main() -> None:
         from dva.ops import kernels
     else:
         xp = np
-    shapes = [(None, None, None)]  # dva's own, then each knob moved from it (threads, aim, register cap)
+    # dva's own, then each knob moved from it (threads, aim, register cap), and the cap of 96 also in
+    # blocks of 128 threads (where it fits a fifth block per SM at K = 3)
+    shapes = [(None, None, None)]
     if on_gpu and not args.no_sweep:
         shapes += [(128, 2**18, None), (256, 2**16, None), (256, 2**20, None)]
-        shapes += [(256, 2**18, 64), (256, 2**18, 80), (128, 2**18, 96)]
+        shapes += [(256, 2**18, 64), (256, 2**18, 80), (256, 2**18, 96), (128, 2**18, 96)]
     chunk, model = synthetic(args.particles, args.box, args.modes, xp)
     for block, aim, cap in shapes:
         if block is not None:
