@@ -379,7 +379,6 @@ def cupy_standin(compile: Callable, free_bytes: int = 8 << 30) -> tuple[types.Mo
     )
     extra = {
         "ndarray": DeviceArray,
-        "asnumpy": lambda a: a.get() if isinstance(a, DeviceArray) else np.asarray(a),
         "RawKernel": lambda source, name, options=(): _RawKernelOnCpu(compile, source, name, options),
         "cuda": cuda,
         "get_default_memory_pool": _MemoryPool,

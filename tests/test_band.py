@@ -101,7 +101,7 @@ def test_the_pass_reports_particles_in_the_chunks_order():
     filt = band_filter(box, 2.0, 12.0, 1.5, None, 8.0)
     chunk, model, band, _ = _pass_inputs(box, filt, np.random.default_rng(5))
     perm = np.random.default_rng(6).permutation(len(chunk.y))
-    shuffled = Chunk(chunk.y[perm], chunk.ctf[perm], chunk.rotation[perm], chunk.scale[perm])
+    shuffled = chunk.map(lambda a: a[perm])
     first, second = em_statistics(chunk, model, band), em_statistics(shuffled, model, band)
     np.testing.assert_allclose(second["z"], first["z"][perm], rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(second["alpha"], first["alpha"][perm], rtol=1e-6)

@@ -116,10 +116,9 @@ def _on(xp, chunk, model) -> tuple:
     """`chunk` and `model` with their arrays on `xp`'s device, as a worker holds them."""
     from dataclasses import replace
 
-    from dva.em.chunk import Chunk
-
-    on_device = Chunk(*(xp.asarray(a) for a in (chunk.y, chunk.ctf, chunk.rotation, chunk.scale)))
-    return on_device, replace(model, volumes=xp.asarray(model.volumes), noise_inverse=xp.asarray(model.noise_inverse))
+    return chunk.map(xp.asarray), replace(
+        model, volumes=xp.asarray(model.volumes), noise_inverse=xp.asarray(model.noise_inverse)
+    )
 
 
 def _channel_signs(modes: int) -> np.ndarray:

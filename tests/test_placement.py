@@ -153,7 +153,7 @@ def test_gpu_workers_keep_what_the_placement_says_where_it_says(store, gpu_clust
     from distributed import Future
 
     from dva.engine.placement import place_chunks
-    from dva.engine.tasks import HostChunk, _arrays
+    from dva.engine.tasks import HostChunk
     from tests.device import _MemoryPool
 
     on_gpu, tolerance = gpu_cluster
@@ -166,7 +166,7 @@ def test_gpu_workers_keep_what_the_placement_says_where_it_says(store, gpu_clust
     assert [isinstance(h, HostChunk) for h in held] == [placement.on_host[i] for i in kept]
     assert 0 < placement.host < placement.resident < 600
     for h in held:
-        arrays = _arrays(h.chunk) if isinstance(h, HostChunk) else _arrays(h)
+        arrays = h.chunk.arrays if isinstance(h, HostChunk) else h.arrays
         assert all(isinstance(a, np.ndarray) == isinstance(h, HostChunk) for a in arrays)
     _MemoryPool.live_at_free.clear()
     placement.release(on_gpu.client)

@@ -11,6 +11,7 @@ The other half is the complex conjugate; `Band.multiplicity` counts each sample 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -111,6 +112,16 @@ class Chunk:
     ctf: np.ndarray  # (n, P) float32
     rotation: np.ndarray  # (n, 3, 3) float64, RELION matrices A
     scale: np.ndarray  # (n,) float64, per-particle scale from the metadata
+
+    @property
+    def arrays(self) -> tuple:
+        """`y`, `ctf`, `rotation`, `scale` (not copied, as `dataclasses.astuple` would copy them)."""
+        return self.y, self.ctf, self.rotation, self.scale
+
+    def map(self, function: Callable) -> Chunk:
+        """The chunk with `function` applied to each of its arrays (a selection of its particles, a
+        copy to or from a device)."""
+        return Chunk(*(function(a) for a in self.arrays))
 
 
 def chunk_bytes_per_particle(band: Band) -> int:

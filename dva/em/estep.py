@@ -127,7 +127,7 @@ def em_statistics(
     """
     if keep is not None:  # only these particles (a half-set)
         chosen = xp.flatnonzero(xp.asarray(keep))
-        chunk = Chunk(chunk.y[chosen], chunk.ctf[chosen], chunk.rotation[chosen], chunk.scale[chosen])
+        chunk = chunk.map(lambda a: a[chosen])
     k, n = model.modes, len(chunk.y)
     pairs = pair_index(k)
     shared = _kernel_arguments(chunk, model, band, xp)

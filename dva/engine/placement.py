@@ -34,8 +34,8 @@ from dva.engine.tasks import (
     ChunkSource,
     collect_held,
     end_run,
+    forget_run,
     free_buffers,
-    free_pools,
     held,
     load_chunk,
     load_host_chunk,
@@ -247,9 +247,7 @@ def _memory_budget(backend: str, dask_worker=None) -> tuple[int | None, int]:
     """Bytes of prepared chunks this worker may keep where its tasks run (its GPU's memory on GPU
     workers, else its host memory; None: no limit known) and, on GPU workers with a memory limit,
     in their host memory besides (else 0): a fraction of the memory it has left in each."""
-    free_buffers()  # what a failed run may have left (page-locked ones would count as used below)
-    if backend == "cupy":
-        free_pools()  # what an earlier run left cached (the same)
+    forget_run(backend)  # what an earlier or failed run left (page-locked memory would count as used)
     limit = dask_worker.memory_manager.memory_limit
     used = psutil.Process().memory_info().rss  # the worker's own start-up (libraries, buffers)
     host = max(0, int(RESIDENT_FRACTION * (limit - used))) if limit else None
@@ -289,13 +287,14 @@ def place_chunks(
         )
     addresses = sorted(client.ncores())  # asks the scheduler now (scheduler_info() may be stale)
     measured = client.run(_memory_budget, backend) if None in (resident_bytes, host_bytes) else {}
-    budgets = {
-        w: (
-            measured.get(w, (None, 0))[0] if resident_bytes is None else resident_bytes,
-            (measured.get(w, (None, 0))[1] if host_bytes is None else host_bytes) if backend == "cupy" else 0,
-        )
-        for w in addresses
-    }
+    budgets = {}  # per worker: bytes to keep where its tasks run, and in host memory besides
+    for w in addresses:
+        device, host = measured.get(w, (None, 0))
+        if resident_bytes is not None:
+            device = resident_bytes
+        if host_bytes is not None:
+            host = host_bytes
+        budgets[w] = device, host if backend == "cupy" else 0  # (CPU workers' tasks run in host memory)
     per_particle = chunk_bytes_per_particle(make_band(box))
     ranges, owners = deal_tasks(n, chunk, len(addresses), aligned)
     used = {w: [0, 0] for w in addresses}  # bytes kept where tasks run, and in host memory besides

@@ -9,7 +9,7 @@ import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from types import ModuleType
 
 import numpy as np
@@ -115,13 +115,7 @@ class HostChunk:
     backend: str
 
     def on_device(self) -> Chunk:
-        xp = array_module(self.backend)
-        return Chunk(*(xp.asarray(a) for a in _arrays(self.chunk)))
-
-
-def _arrays(chunk: Chunk) -> tuple:
-    """A chunk's arrays in field order (not copied, as `dataclasses.astuple` would copy them)."""
-    return tuple(getattr(chunk, f.name) for f in fields(chunk))
+        return self.chunk.map(array_module(self.backend).asarray)
 
 
 def load_host_chunk(source: ChunkSource) -> HostChunk:
@@ -129,12 +123,13 @@ def load_host_chunk(source: ChunkSource) -> HostChunk:
     import cupyx
 
     xp = array_module(source.backend)
-    copies = []
-    for a in _arrays(load_chunk(source)):
+
+    def pinned(a):
         copy = cupyx.empty_pinned(a.shape, a.dtype)
         xp.ascontiguousarray(a).get(out=copy)
-        copies.append(copy)
-    return HostChunk(Chunk(*copies), source.backend)
+        return copy
+
+    return HostChunk(load_chunk(source).map(pinned), source.backend)
 
 
 def _prepare(source: ChunkSource, read: Read) -> Chunk:
