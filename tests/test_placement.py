@@ -526,3 +526,24 @@ def test_a_store_written_without_shards_runs_with_tasks_inside_its_chunks(store,
     new = run_3dva(path, mask, PARAMS, cluster)
     np.testing.assert_allclose(old.components, new.components, rtol=0, atol=1e-6 * abs(new.components).max())
     np.testing.assert_allclose(old.z, new.z, rtol=0, atol=1e-6 * abs(new.z).max())
+
+
+def _chunks_held(dask_worker) -> int:
+    from dva.em.chunk import Chunk
+
+    return sum(isinstance(value, Chunk) for value in dask_worker.data.values())
+
+
+def test_a_failed_run_lets_go_of_the_chunks_it_kept(store, cluster):
+    """A run that fails part way (here its progress callback) still releases the chunks its workers
+    kept, though the error's traceback still refers to the run's placement."""
+    path, mask = store
+
+    def fail(metric: dict) -> None:
+        assert sum(cluster.client.run(_chunks_held).values()) > 0  # kept while the run goes on
+        raise RuntimeError("stopped")
+
+    with pytest.raises(RuntimeError, match="stopped") as failed:
+        run_3dva(path, mask, PARAMS, cluster, progress=fail)
+    assert failed.traceback  # held, with the frames that held the placement
+    assert sum(cluster.client.run(_chunks_held).values()) == 0

@@ -248,124 +248,129 @@ def run_3dva(
     mask_on_driver, filt_on_driver = driver.asarray(mask), driver.asarray(filt)
     chunk, aligned = task_limits(images)
     placement = place_chunks(client, store, n, chunk, box, backend, resident_bytes, aligned, host_bytes)
-    metrics: list[dict] = []
-    if saved is None:
-        mean_stats = placement.map(client, mean_partial, box, params.scale, backend)
-        mean = solve_mean(mean_stats["num"][0], mean_stats["den"][0], box)
-        # Data sign (DESIGN.md §1): protein density is positive; a low-passed mean that is negative
-        # inside the mask means the stored images are black on white, so they are used negated.
-        data_sign = 1.0 if float((filter_real(mean, filt) * mask).sum()) >= 0 else -1.0
-        comps = random_components(params.modes, mask, filt, np.random.default_rng(params.seed))
-        state = State(mean * data_sign, comps, noise_from_power(mean_stats, params.noise == "white"), None)
-        start = 0
-    else:
-        state = State(saved.mean, saved.components, saved.noise_inverse, saved.prior)
-        data_sign, metrics, start = saved.data_sign, saved.metrics, saved.iteration
-    placement.locate(client)
-    placement.trim(client)
-    timings = {"mean_s": time.perf_counter() - t0}
+    try:
+        metrics: list[dict] = []
+        if saved is None:
+            mean_stats = placement.map(client, mean_partial, box, params.scale, backend)
+            mean = solve_mean(mean_stats["num"][0], mean_stats["den"][0], box)
+            # Data sign (DESIGN.md §1): protein density is positive; a low-passed mean that is negative
+            # inside the mask means the stored images are black on white, so they are used negated.
+            data_sign = 1.0 if float((filter_real(mean, filt) * mask).sum()) >= 0 else -1.0
+            comps = random_components(params.modes, mask, filt, np.random.default_rng(params.seed))
+            state = State(mean * data_sign, comps, noise_from_power(mean_stats, params.noise == "white"), None)
+            start = 0
+        else:
+            state = State(saved.mean, saved.components, saved.noise_inverse, saved.prior)
+            data_sign, metrics, start = saved.data_sign, saved.metrics, saved.iteration
+        placement.locate(client)
+        placement.trim(client)
+        timings = {"mean_s": time.perf_counter() - t0}
 
-    def save(iteration: int, coordinates: np.ndarray) -> None:
-        if checkpoint is not None:
-            save_checkpoint(
-                checkpoint,
-                Checkpoint(
-                    iteration=iteration,
-                    mean=state.mean,
-                    components=state.components,
-                    noise_inverse=state.noise_inverse,
-                    prior=state.prior,
-                    data_sign=data_sign,
-                    metrics=metrics,
-                    identity=identity,
-                    coordinates=coordinates,
-                ),
+        def save(iteration: int, coordinates: np.ndarray) -> None:
+            if checkpoint is not None:
+                save_checkpoint(
+                    checkpoint,
+                    Checkpoint(
+                        iteration=iteration,
+                        mean=state.mean,
+                        components=state.components,
+                        noise_inverse=state.noise_inverse,
+                        prior=state.prior,
+                        data_sign=data_sign,
+                        metrics=metrics,
+                        identity=identity,
+                        coordinates=coordinates,
+                    ),
+                )
+
+        if saved is None:
+            save(0, np.zeros((0, params.modes + 1), np.float32))
+
+        def run_pass(function, state: State, components: np.ndarray, keep: list | None, total: bool):
+            """`function` over every task with the model of `state` and `components` (see `Placement.map`)."""
+            model = Model(
+                to_numpy(fourier_stack(driver.asarray(state.mean), driver.asarray(components), driver)),
+                state.noise_inverse,
+                EPS,
+                params.scale,
+                data_sign,
+                state.prior,
+                pixels,
             )
+            return placement.map(client, function, box, backend, shared=model, per_task=keep, total=total)
 
-    if saved is None:
-        save(0, np.zeros((0, params.modes + 1), np.float32))
+        def iterate(state: State, keep: list | None) -> tuple[State, dict, np.ndarray]:
+            """One E/M pass over the particles (those of `keep` per task when given); also the
+            E-step's coordinates and scales `(n, K+1)`."""
+            t_it = time.perf_counter()
+            stats = run_pass(em_partial, state, state.components, keep, total=True)
+            t_pass = time.perf_counter()
+            count = int(stats["particles"])
+            # Re-centre: a common offset of the coordinates is an error of the mean, not variability;
+            # moving it into the mean frees the components for what varies.
+            mean = state.mean + np.tensordot(stats["zsum"] / count, state.components, axes=1)
+            new, change = update_components(
+                stats, state.components, mask_on_driver, filt_on_driver, box, params, driver
+            )
+            metric = {
+                "subspace_change_deg": change,
+                "objective": float(stats["objective"]),
+                "explained": 1.0 - float(stats["objective"]) / float(stats["baseline"]),
+                "seconds": time.perf_counter() - t_it,
+                # Where the time went: the pass (model built and sent, workers' passes, their sums
+                # collected, `collect_s` of it) and the driver's M-step (per-voxel solves, filters).
+                "pass_s": t_pass - t_it,
+                "collect_s": stats["collect_s"],
+                "mstep_s": time.perf_counter() - t_pass,
+            }
+            prior = None
+            if params.scale == "optimal":
+                prior = scale_prior(stats["alpha_moments"], count)
+                metric.update(scale_mean=prior[0], scale_std=prior[1] ** 0.5)
+            state = State(mean, new, noise_from_power(stats, params.noise == "white"), prior)
+            return state, metric, np.concatenate(stats["coordinates"])
 
-    def run_pass(function, state: State, components: np.ndarray, keep: list | None, total: bool):
-        """`function` over every task with the model of `state` and `components` (see `Placement.map`)."""
-        model = Model(
-            to_numpy(fourier_stack(driver.asarray(state.mean), driver.asarray(components), driver)),
-            state.noise_inverse,
-            EPS,
-            params.scale,
-            data_sign,
-            state.prior,
-            pixels,
-        )
-        return placement.map(client, function, box, backend, shared=model, per_task=keep, total=total)
+        def coordinates(state: State, components: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            """z `(N, K)`, α `(N,)` and the mean E-step noise covariance with `components`."""
+            coords = run_pass(em_coordinates, state, components, None, total=False)
+            z = np.concatenate([c["z"] for c in coords])
+            return z, np.concatenate([c["alpha"] for c in coords]), sum(c["zcov"] for c in coords) / len(z)
 
-    def iterate(state: State, keep: list | None) -> tuple[State, dict, np.ndarray]:
-        """One E/M pass over the particles (those of `keep` per task when given); also the
-        E-step's coordinates and scales `(n, K+1)`."""
-        t_it = time.perf_counter()
-        stats = run_pass(em_partial, state, state.components, keep, total=True)
-        t_pass = time.perf_counter()
-        count = int(stats["particles"])
-        # Re-centre: a common offset of the coordinates is an error of the mean, not variability;
-        # moving it into the mean frees the components for what varies.
-        mean = state.mean + np.tensordot(stats["zsum"] / count, state.components, axes=1)
-        new, change = update_components(stats, state.components, mask_on_driver, filt_on_driver, box, params, driver)
-        metric = {
-            "subspace_change_deg": change,
-            "objective": float(stats["objective"]),
-            "explained": 1.0 - float(stats["objective"]) / float(stats["baseline"]),
-            "seconds": time.perf_counter() - t_it,
-            # Where the time went: the pass (model built and sent, workers' passes, their sums
-            # collected, `collect_s` of it) and the driver's M-step (per-voxel solves, filters).
-            "pass_s": t_pass - t_it,
-            "collect_s": stats["collect_s"],
-            "mstep_s": time.perf_counter() - t_pass,
-        }
-        prior = None
-        if params.scale == "optimal":
-            prior = scale_prior(stats["alpha_moments"], count)
-            metric.update(scale_mean=prior[0], scale_std=prior[1] ** 0.5)
-        state = State(mean, new, noise_from_power(stats, params.noise == "white"), prior)
-        return state, metric, np.concatenate(stats["coordinates"])
+        for it in range(start, params.iterations):
+            state, metric, estep = iterate(state, None)
+            metrics.append({"iteration": it + 1, **metric})
+            save(it + 1, estep)
+            if progress is not None:
+                progress(metrics[-1])
 
-    def coordinates(state: State, components: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """z `(N, K)`, α `(N,)` and the mean E-step noise covariance with `components`."""
-        coords = run_pass(em_coordinates, state, components, None, total=False)
-        z = np.concatenate([c["z"] for c in coords])
-        return z, np.concatenate([c["alpha"] for c in coords]), sum(c["zcov"] for c in coords) / len(z)
-
-    for it in range(start, params.iterations):
-        state, metric, estep = iterate(state, None)
-        metrics.append({"iteration": it + 1, **metric})
-        save(it + 1, estep)
-        if progress is not None:
-            progress(metrics[-1])
-
-    t_final = time.perf_counter()
-    z, alpha, noise_cov = coordinates(state, state.components)
-    zbar = z.mean(axis=0)
-    mean = (state.mean + np.tensordot(zbar, state.components, axes=1)).astype(np.float32)
-    components, z, variances = principal_axes(state.components, z - zbar, noise_cov)
-    timings["final_pass_s"] = time.perf_counter() - t_final
-    halves = None
-    if params.halfsets:
-        t_half = time.perf_counter()
-        labels = halfset_labels(table["halfset"].to_numpy()[:n], params.seed)
-        fitted = []
-        for h in (0, 1):
-            keep = [labels[a:b] == h for a, b in placement.ranges]
-            # Independent: each half starts from its own random components (gold standard).
-            initial = random_components(params.modes, mask, filt, np.random.default_rng([params.seed, 3, h]))
-            half = State(mean, initial, state.noise_inverse, state.prior)
-            for _ in range(params.iterations):
-                half, _, _ = iterate(half, keep)
-            fitted.append((half, align(half.components, components)))
-        zs = [coordinates(half, aligned)[0] for half, aligned in fitted]
-        halves = compare_halves([aligned for _, aligned in fitted], zs, pixel)
-        halves["particles"] = [int((labels == h).sum()) for h in (0, 1)]
-        timings["halfsets_s"] = time.perf_counter() - t_half
-    placement.release(client)
-    if driver is not np:
-        driver.get_default_memory_pool().free_all_blocks()  # the M-step's cached memory: the run is over
+        t_final = time.perf_counter()
+        z, alpha, noise_cov = coordinates(state, state.components)
+        zbar = z.mean(axis=0)
+        mean = (state.mean + np.tensordot(zbar, state.components, axes=1)).astype(np.float32)
+        components, z, variances = principal_axes(state.components, z - zbar, noise_cov)
+        timings["final_pass_s"] = time.perf_counter() - t_final
+        halves = None
+        if params.halfsets:
+            t_half = time.perf_counter()
+            labels = halfset_labels(table["halfset"].to_numpy()[:n], params.seed)
+            fitted = []
+            for h in (0, 1):
+                keep = [labels[a:b] == h for a, b in placement.ranges]
+                # Independent: each half starts from its own random components (gold standard).
+                initial = random_components(params.modes, mask, filt, np.random.default_rng([params.seed, 3, h]))
+                half = State(mean, initial, state.noise_inverse, state.prior)
+                for _ in range(params.iterations):
+                    half, _, _ = iterate(half, keep)
+                fitted.append((half, align(half.components, components)))
+            zs = [coordinates(half, aligned)[0] for half, aligned in fitted]
+            halves = compare_halves([aligned for _, aligned in fitted], zs, pixel)
+            halves["particles"] = [int((labels == h).sum()) for h in (0, 1)]
+            timings["halfsets_s"] = time.perf_counter() - t_half
+    finally:
+        # what the workers kept for the run goes even when it failed (or was interrupted)
+        placement.release(client)
+        if driver is not np:
+            driver.get_default_memory_pool().free_all_blocks()  # the M-step's cached memory: the run is over
     timings["total_s"] = time.perf_counter() - t0
     return Result(
         mean=mean,

@@ -201,10 +201,11 @@ class Placement:
             self.sources[i] = replace(self.chunks[i], following=later)
 
     def release(self, client: Client) -> None:
-        """Drop the kept chunks, then free what the workers kept for the run (`tasks.end_run`)."""
+        """Drop the kept chunks, then free what the workers kept for the run (`tasks.end_run`).
+        Called after a failed run too, so it raises nothing (a lost cluster has nothing to free)."""
         kept = [s for s in self.sources if isinstance(s, Future)]
-        client.cancel(kept)
         with contextlib.suppress(Exception):
+            client.cancel(kept)
             client.run(end_run, self.chunks[0].backend, [f.key for f in kept], on_error="ignore")
 
 

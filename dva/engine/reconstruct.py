@@ -30,10 +30,12 @@ def reconstruct_subsets(
     chunk, aligned = task_limits(images)
     placement = place_chunks(client, store, len(weights), chunk, box, backend, aligned=aligned)
     volumes = []
-    for lo in range(0, weights.shape[1], MAX_GROUPS):
-        part = np.ascontiguousarray(weights[:, lo : lo + MAX_GROUPS], dtype=np.float64)
-        per_task = [part[a:b] for a, b in placement.ranges]
-        stats = placement.map(client, mean_partial, box, scale, backend, per_task=per_task)
-        volumes += [solve_mean(stats["num"][g], stats["den"][g], box) * data_sign for g in range(part.shape[1])]
-    placement.release(client)
+    try:
+        for lo in range(0, weights.shape[1], MAX_GROUPS):
+            part = np.ascontiguousarray(weights[:, lo : lo + MAX_GROUPS], dtype=np.float64)
+            per_task = [part[a:b] for a, b in placement.ranges]
+            stats = placement.map(client, mean_partial, box, scale, backend, per_task=per_task)
+            volumes += [solve_mean(stats["num"][g], stats["den"][g], box) * data_sign for g in range(part.shape[1])]
+    finally:
+        placement.release(client)
     return np.stack(volumes).astype(np.float32)

@@ -23,9 +23,9 @@ in the other half is taken at its mirror and conjugated.
 
 `SOURCE` is plain CUDA C++ with no shared memory or synchronisation, so the test suite also
 compiles it for the CPU (a loop over the grid) and checks it against the NumPy path on machines
-without a GPU, and compiles it with NVRTC for the H100 (sm_90). ptxas there (NVRTC 12.9): the
-E-step passes take 96/56 registers per thread at K = 1 (sums/insert), 128/80 at K = 3 and
-255/255 at K = 10, with no spills. None of it has run on a GPU yet.
+without a GPU, and compiles it with NVRTC for the H100 (sm_90). ptxas there (NVRTC 12.9 and 13.5
+alike; the H100's image has 13.2): the E-step passes take 96/56 registers per thread at K = 1
+(sums/insert), 128/80 at K = 3 and 255/255 at K = 10, with no spills. None of it has run on a GPU yet.
 """
 
 from __future__ import annotations
