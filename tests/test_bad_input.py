@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 
 import mrcfile
 import numpy as np
@@ -114,7 +115,8 @@ def test_optics_group_that_does_not_exist(good, tmp_path):
 def test_nan_or_inf_pixels(good, tmp_path, value):
     data = np.zeros((8, 16, 16), np.float32)
     data[6, 2, 2] = value
-    with mrcfile.new(tmp_path / "s.mrcs", overwrite=True) as m:
+    with mrcfile.new(tmp_path / "s.mrcs", overwrite=True) as m, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # mrcfile's, on writing the bad file on purpose
         m.set_data(data)
     line = _import(tmp_path, good, "--chunk-size", "3")
     assert "s.mrcs: image 7 (1-based) has NaN or Inf pixels" in line
