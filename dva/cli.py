@@ -454,11 +454,12 @@ def bench(
         Path | None,
         typer.Option(help="Folder to keep the synthetic dataset in, reused there by runs of the same size."),
     ] = None,
-    json_line: Annotated[bool, typer.Option("--json", help="Print one JSON line only.")] = False,
+    json_line: Annotated[
+        bool, typer.Option("--json", help="Print the results as one JSON line (progress still goes to stderr).")
+    ] = False,
 ) -> None:
-    """Benchmark the E/M iterations: time per iteration, particles/s, peak memory per worker."""
-    import json
-
+    """Benchmark the E/M iterations: time per iteration, particles/s, peak memory per worker (each
+    iteration's time on stderr as it ends)."""
     from dva.engine.bench import bench as run_bench
 
     with _user_errors():
@@ -476,12 +477,11 @@ def bench(
             streamed=streamed,
             on_host=on_host,
             data=data,
+            progress=lambda line: print(line, file=sys.stderr, flush=True),
         )
     if json_line:
         print(json.dumps(found))
         return
-    for i, t in enumerate(found["iteration_s"], 1):
-        print(f"iteration {i}: {t:.2f} s ({found['particles'] / t:,.0f} particles/s)")
     print(
         f"{found['particles']:,} particles, box {box}, K={modes}, {found['workers']} {found['backend']} worker(s): "
         f"median {found['median_iteration_s']:.2f} s per iteration = {found['particles_per_s']:,.0f} particles/s; "

@@ -62,7 +62,11 @@ def test_bench_reports_a_floor_below_the_measured_time():
         ["bench", "--particles", "600", "--box", "32", "--modes", "2", "--iterations", "2", "--workers", "1", "--json"],
     )
     assert r.exit_code == 0, r.output
-    found = json.loads(r.output.strip().splitlines()[-1])
+    (line,) = r.stdout.strip().splitlines()  # the JSON line alone on stdout; progress on stderr, as it goes
+    found = json.loads(line)
+    assert "ready in" in r.stderr
+    for i, seconds in enumerate(found["iteration_s"], 1):
+        assert f"iteration {i}: {seconds:.2f} s" in r.stderr
     floor = found["floor"]
     assert floor["work"]["particles"] == 600 and floor["ceilings"]["device"].startswith("1 CPU")
     assert floor["measured_s"] == found["median_iteration_s"]

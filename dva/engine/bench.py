@@ -7,6 +7,7 @@ import resource
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -74,11 +75,14 @@ def bench(
     streamed: bool = False,
     on_host: bool = False,
     data: Path | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Per-iteration times, particles per second per iteration, peak memory per worker, and the
     floor model (`dva.engine.floor`) at the backend's ceilings; `streamed` keeps no chunk resident,
     `on_host` none in GPU memory (GPU workers keep them in host memory; CPU workers none).
-    The dataset is made in a temporary folder, or kept in and reused from `data` (`dataset`)."""
+    The dataset is made in a temporary folder, or kept in and reused from `data` (`dataset`).
+    `progress` gets a line as each stage and iteration ends (what a run cut short had done)."""
+    say = progress or (lambda line: None)
     with ExitStack() as stack:
         folder = (
             Path(data)
@@ -88,6 +92,7 @@ def bench(
         t0 = time.perf_counter()
         sim, store = dataset(folder, particles, box, chunk_size)
         prepare_s = time.perf_counter() - t0
+        say(f"dataset of {particles:,} particles, box {box}: ready in {prepare_s:.1f} s")
         pixel = float(read_star(sim / "particles.star")["pixel_size_A"][0])
         cluster = connect(scheduler, workers=workers, gpus=gpus)
         try:
@@ -99,6 +104,11 @@ def bench(
                 cluster,
                 resident_bytes=0 if streamed or on_host else None,
                 host_bytes=0 if streamed else None,
+                progress=lambda m: say(
+                    f"iteration {m['iteration']}: {m['seconds']:.2f} s ({particles / m['seconds']:,.0f} particles/s; "
+                    f"workers' passes {m['pass_s'] - m['collect_s']:.2f} s, collecting {m['collect_s']:.2f} s, "
+                    f"M-step {m['mstep_s']:.2f} s)"
+                ),
             )
             peaks = cluster.client.run(_peak_rss_mb)
             n_workers = len(peaks)

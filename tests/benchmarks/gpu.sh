@@ -18,7 +18,8 @@
 #   run(command="bash tests/benchmarks/gpu.sh", carry=[".whl"], timeout_s=600)   (all six stages)
 # and, if device time is left, whichever stages were cut, alone.
 # Results: $OUT/tests.log, $OUT/kernels.jsonl (one line per launch shape), $OUT/bench.jsonl (one
-# `dva bench --json` line per configuration, with `phases_s`: passes, collect, driver's M-step).
+# `dva bench --json` line per configuration, with `phases_s`: passes, collect, driver's M-step),
+# $OUT/bench.log (the stages' start times and the benchmarks' progress: dataset made, each iteration).
 set -o pipefail
 export PYTHONUNBUFFERED=1
 source .whl/install-wheels.sh || exit 1
@@ -28,9 +29,11 @@ mkdir -p "$OUT"
 nvidia-smi -L
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests kernels resident onhost streamed box256)
-bench() { timeout "$1" python3 -m dva bench --json "${@:2}" | tee -a "$OUT/bench.jsonl"; }
+# stdout: one JSON line per run; stderr (also in bench.log): each iteration's time as it ends, so a
+# stage cut by its timeout still shows how far it got and how fast
+bench() { timeout "$1" python3 -m dva bench --json "${@:2}" 2> >(tee -a "$OUT/bench.log" >&2) | tee -a "$OUT/bench.jsonl"; }
 for stage in "${stages[@]}"; do
-    echo "== $stage $(date +%T)"
+    echo "== $stage $(date +%T)" | tee -a "$OUT/bench.log"
     case "$stage" in
         # Only the CuPy variants of the numerical tests (the CPU ones ran in CI).
         tests) timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -p no:logging tests 2>&1 | tee "$OUT/tests.log" | tail -30 ;;
