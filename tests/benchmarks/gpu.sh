@@ -35,8 +35,9 @@ bench() { timeout "$1" python3 -m dva bench --json "${@:2}" 2> >(tee -a "$OUT/be
 for stage in "${stages[@]}"; do
     echo "== $stage $(date +%T)" | tee -a "$OUT/bench.log"
     case "$stage" in
-        # Only the CuPy variants of the numerical tests (the CPU ones ran in CI).
-        tests) timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -p no:logging tests 2>&1 | tee "$OUT/tests.log" | tail -30 ;;
+        # Only the CuPy variants of the numerical tests (the CPU ones ran in CI); -v names each test as
+        # it ends, so a stage cut by its timeout still shows which test hung.
+        tests) timeout 150 python3 -m pytest -v --durations=15 -m gpu -p no:cacheprovider -p no:logging tests 2>&1 | tee "$OUT/tests.log" | tail -30 ;;
         # One chunk, data on the device: seconds and rates per pass, dva's launch shape first.
         kernels)
             timeout 60 python3 tests/benchmarks/kernels.py --box 128 --modes 3 --particles 8192 | tee -a "$OUT/kernels.jsonl"
