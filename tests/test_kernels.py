@@ -335,6 +335,26 @@ def test_the_cpu_kernels_run_from_a_read_only_install(tmp_path):
     assert done.stdout.split() == ["False", "2.75"]
 
 
+@pytest.mark.parametrize(
+    ("environment", "shape"),
+    [
+        ({}, "256 262144 None"),
+        (
+            {"DVA_CUDA_THREADS": "128", "DVA_CUDA_RESIDENT_THREADS": "65536", "DVA_CUDA_MAX_REGISTERS": "96"},
+            "128 65536 96",
+        ),
+        ({"DVA_CUDA_THREADS": "many"}, "DVA_CUDA_THREADS='many': not an integer"),
+    ],
+)
+def test_the_launch_shape_is_dvas_own_unless_the_environment_sets_it(environment, shape):
+    """`tests/benchmarks/gpu.sh` benchmarks the launch shape its sweep found fastest through
+    `DVA_CUDA_*` variables, which the kernels module reads when it is imported (in each worker)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DVA_CUDA_")} | environment
+    code = "from dva.ops import kernels as k; print(k.THREADS, k.RESIDENT_THREADS, k.MAX_REGISTERS)"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert shape in (done.stdout if done.returncode == 0 else done.stderr)
+
+
 def test_the_stand_in_refuses_host_arrays_where_cupy_does(numpy_as_cupy):
     """The stand-in's strictness, which the GPU-path tests rely on: NumPy arrays do not mix with its
     device arrays in functions, ufuncs, methods or kernels; device arrays do not turn into NumPy

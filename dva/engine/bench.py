@@ -33,6 +33,17 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _cuda_launch() -> dict:
+    """A GPU worker's launch shape of the CUDA kernels (`dva.ops.kernels`, as its environment set it)."""
+    from dva.ops import kernels
+
+    return {
+        "threads_per_block": kernels.THREADS,
+        "threads_aimed": kernels.RESIDENT_THREADS,
+        "max_registers": kernels.MAX_REGISTERS,
+    }
+
+
 def dataset(folder: Path, particles: int, box: int, chunk_size: int | None) -> tuple[Path, Path]:
     """The simulated dataset (`sim/`) and its imported store (`s.zarr`) in `folder`, made there
     unless a finished pair for the same particles, box and chunk size already is (`bench.json`,
@@ -112,6 +123,7 @@ def bench(
             )
             peaks = cluster.client.run(_peak_rss_mb)
             n_workers = len(peaks)
+            launch = next(iter(cluster.client.run(_cuda_launch).values())) if cluster.backend == "cupy" else None
         finally:
             cluster.close()
     times = [m["seconds"] for m in result.metrics]
@@ -133,6 +145,7 @@ def bench(
         "mean_pass_s": result.timings["mean_s"],
         "prepare_s": prepare_s,
         "peak_worker_rss_mb": sorted(round(v, 1) for v in peaks.values()),
+        "cuda_launch": launch,
         "floor": floor_report(
             particles,
             result.box,

@@ -2,22 +2,24 @@
 # Issue 7's checks on the lent GPU machine: the test suite on CuPy, the E-step passes alone over
 # launch shapes, then the benchmarks (100k particles box 128 K=3: chunks resident in GPU memory,
 # kept in host memory and copied over every pass, streamed from the store; box 256 K=10 50k
-# particles). Stages run in the order named:
-#   bash tests/benchmarks/gpu.sh [tests] [kernels] [resident] [onhost] [streamed] [box256]
-# Their timeouts add up to 150 + 120 + 180 + 90 + 90 + 170 s; the stages should take about half that
+# particles). `tuned` runs the resident benchmark again with the launch shape the kernels stage
+# found fastest (`tuned_launch.py`; skipped when that is dva's own). Stages run in the order named:
+#   bash tests/benchmarks/gpu.sh [tests] [kernels] [resident] [tuned] [onhost] [streamed] [box256]
+# Their timeouts add up to 150 + 120 + 180 + 120 + 90 + 90 + 170 s; the stages should take about half that
 # (the timeouts cap a stage that hangs or crawls). Run them all in one call of 600 s: what the
 # stages finish is kept ($OUT is written as they go), the last (box256) is the first to be cut, and
-# the lease pays for one start, not two (a fresh machine simulates its data again; the streamed
-# and on-host stages reuse the resident stage's /tmp/b128, which box256 deletes first: disk).
+# the lease pays for one start, not two (a fresh machine simulates its data again; the tuned,
+# on-host and streamed stages reuse the resident stage's /tmp/b128, which box256 deletes first: disk).
 #
 # Here first (PyPI reachable): `bash ../shared/gpu/fetch-wheels.sh` (dask, distributed, dask-cuda,
 # zarr, mrcfile, starfile and their needs, ~19 MiB). The GPU image already holds dva's other
 # dependencies (numpy, cupy, numba, scipy, pandas, xarray, typer, rich, psutil, scikit-learn,
 # matplotlib, pytest: /work/.library/device/KINDS.md), and dva runs from the checkout (PYTHONPATH).
 # Then:
-#   run(command="bash tests/benchmarks/gpu.sh", carry=[".whl"], timeout_s=600)   (all six stages)
+#   run(command="bash tests/benchmarks/gpu.sh", carry=[".whl"], timeout_s=600)   (all seven stages)
 # and, if device time is left, whichever stages were cut, alone.
-# Results: $OUT/tests.log, $OUT/kernels.jsonl (one line per launch shape), $OUT/bench.jsonl (one
+# Results: $OUT/tests.log, $OUT/kernels.jsonl (one line per launch shape), $OUT/tuned.env (the
+# fastest shape when it is not dva's, as DVA_CUDA_* variables), $OUT/bench.jsonl (one
 # `dva bench --json` line per configuration, with `phases_s`: passes, collect, driver's M-step),
 # $OUT/bench.log (the stages' start times and the benchmarks' progress: dataset made, each iteration).
 set -o pipefail
@@ -28,7 +30,7 @@ OUT="${OUT:-/tmp/dva-gpu}"
 mkdir -p "$OUT"
 nvidia-smi -L
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests kernels resident onhost streamed box256)
+[ ${#stages[@]} -eq 0 ] && stages=(tests kernels resident tuned onhost streamed box256)
 # stdout: one JSON line per run; stderr (also in bench.log): each iteration's time as it ends, so a
 # stage cut by its timeout still shows how far it got and how fast
 bench() { timeout "$1" python3 -m dva bench --json "${@:2}" 2> >(tee -a "$OUT/bench.log" >&2) | tee -a "$OUT/bench.jsonl"; }
@@ -46,9 +48,18 @@ for stage in "${stages[@]}"; do
         # The 100k-particle dataset is simulated (one thread per core: ~0.65 s per 1,024 images of
         # box 128 on one core here) and imported once, into /tmp/b128, for the three runs.
         resident) bench 180 --particles 100000 --box 128 --modes 3 --iterations 20 --gpus 0 --data /tmp/b128 ;;
+        # The same with the sweep's fastest K=3 shape (a subshell: later stages keep dva's own).
+        tuned)
+            python3 tests/benchmarks/tuned_launch.py "$OUT/kernels.jsonl" --modes 3 > "$OUT/tuned.env"
+            if [ -s "$OUT/tuned.env" ]; then
+                cat "$OUT/tuned.env"
+                (source "$OUT/tuned.env" && bench 120 --particles 100000 --box 128 --modes 3 --iterations 20 --gpus 0 --data /tmp/b128)
+            else
+                echo "dva's own launch shape was the fastest (or no sweep ran): nothing to retune"
+            fi ;;
         onhost) bench 90 --particles 100000 --box 128 --modes 3 --iterations 5 --gpus 0 --on-host --data /tmp/b128 ;;
         streamed) bench 90 --particles 100000 --box 128 --modes 3 --iterations 5 --gpus 0 --streamed --data /tmp/b128 ;;
         box256) rm -rf /tmp/b128; bench 170 --particles 50000 --box 256 --modes 10 --iterations 3 --gpus 0 ;;
-        *) echo "unknown stage $stage (tests, kernels, resident, onhost, streamed, box256)"; exit 2 ;;
+        *) echo "unknown stage $stage (tests, kernels, resident, tuned, onhost, streamed, box256)"; exit 2 ;;
     esac
 done
