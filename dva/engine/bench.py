@@ -106,6 +106,9 @@ def bench(
         say(f"dataset of {particles:,} particles, box {box}: ready in {prepare_s:.1f} s")
         pixel = float(read_star(sim / "particles.star")["pixel_size_A"][0])
         cluster = connect(scheduler, workers=workers, gpus=gpus)
+        say(
+            f"cluster of {len(cluster.client.ncores())} {cluster.backend} worker(s) up; the mean's pass, then the iterations"
+        )
         try:
             params = RunParams(filter_res_A=4 * pixel, modes=modes, iterations=iterations)
             result = run_3dva(
