@@ -4,6 +4,7 @@ worker in the middle of an iteration; and the check that every worker can read t
 from __future__ import annotations
 
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 import numpy as np
 import pytest
 import xarray as xr
+from distributed import LocalCluster
 from typer.testing import CliRunner
 
 from dva.cli import app
@@ -134,25 +136,78 @@ def test_a_worker_that_cannot_read_the_store_is_named(dataset, tmp_path):
         placement.release(client)
 
 
-def _malloc_settings() -> tuple[str | None, str | None]:
-    return os.environ.get("MALLOC_MMAP_THRESHOLD_"), os.environ.get("MALLOC_TRIM_THRESHOLD_")
+def _malloc_settings() -> tuple[str | None, ...]:
+    return tuple(os.environ.get(f"MALLOC_{name}") for name in ("MMAP_THRESHOLD_", "TRIM_THRESHOLD_", "ARENA_MAX"))
 
 
+class _LocalClusterAsCuda(LocalCluster):
+    """dask-cuda's LocalCUDACluster as `connect` starts it, on a machine without GPUs."""
+
+    def __init__(self, CUDA_VISIBLE_DEVICES=None, **kwargs):  # (dask-cuda's argument, unused here)
+        super().__init__(n_workers=1, **kwargs)
+
+
+@pytest.mark.parametrize("gpu", [False, True])
 @pytest.mark.parametrize("memory_limit", [None, "2GB"])
-def test_embedded_workers_keep_large_temporaries_off_mmap(memory_limit):
+def test_embedded_workers_keep_large_temporaries_off_mmap(memory_limit, gpu, monkeypatch):
     """Large temporaries come from the heap (mmapped ones cost a page fault per page, every batch);
-    under a memory limit the heap's top is trimmed as dask has it, else it is kept."""
+    under a memory limit the heap's top is trimmed as dask has it, else it is kept; GPU workers'
+    threads share one malloc arena (their reads, below)."""
+    import types
+
+    from dva.engine import cluster as cluster_module
     from dva.engine.cluster import MMAP_THRESHOLD, TRIM_UNDER_LIMIT, connect
 
-    cluster = connect(workers=1, gpus="none", memory_limit=memory_limit)
+    if gpu:
+        monkeypatch.setattr(cluster_module, "gpu_count", lambda: 1)
+        monkeypatch.setitem(sys.modules, "dask_cuda", types.SimpleNamespace(LocalCUDACluster=_LocalClusterAsCuda))
+    cluster = connect(workers=1, gpus=None if gpu else "none", memory_limit=memory_limit)
     try:
+        assert cluster.backend == ("cupy" if gpu else "numpy")
         (started,) = cluster.client.run(_malloc_settings).values()
         cluster.client.restart()  # as the nanny restarts a worker that passed its memory limit
         (restarted,) = cluster.client.run(_malloc_settings).values()
     finally:
         cluster.close()
     trim = TRIM_UNDER_LIMIT if memory_limit else MMAP_THRESHOLD
-    assert started == restarted == (str(MMAP_THRESHOLD), str(trim))
+    assert started == restarted == (str(MMAP_THRESHOLD), str(trim), "1" if gpu else "0")
+
+
+_THREADED_READS = """
+import resource, sys
+from concurrent.futures import ThreadPoolExecutor
+
+def read():
+    with open(sys.argv[1], "rb") as f:
+        return len(f.read())
+
+pool = ThreadPoolExecutor(1)  # as a worker's read-ahead thread
+pool.submit(read).result()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    pool.submit(read).result()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc settings")
+def test_gpu_workers_reads_in_threads_reuse_their_memory(tmp_path):
+    """A store read of more than 64 MB (a whole shard) in a read-ahead thread: with GPU workers'
+    malloc settings the memory of one read is reused by the next (no page faults after the first),
+    with CPU workers' each read is mmapped afresh (a fault per 4 kB page, every read)."""
+    from dva.engine.cluster import _worker_heap
+
+    shard = tmp_path / "shard"
+    shard.write_bytes(np.random.default_rng(0).bytes(80 << 20))
+    pages = 3 * (80 << 20) // 4096
+    faults = {}
+    for gpu in (True, False):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | _worker_heap(None, gpu)
+        done = subprocess.run(
+            [sys.executable, "-c", _THREADED_READS, str(shard)], env=env, capture_output=True, text=True, check=True
+        )
+        faults[gpu] = int(done.stdout)
+    assert faults[True] < 0.02 * pages < pages <= faults[False], faults
 
 
 @pytest.mark.parametrize(

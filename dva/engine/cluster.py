@@ -93,6 +93,38 @@ def _workers_ignore_ctrl_c() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+def _worker_heap(memory_limit: str | None, gpu: bool) -> dict[str, str]:
+    """glibc's malloc settings for embedded workers (`memory_limit`: the user's, per worker).
+
+    dask sets MALLOC_TRIM_THRESHOLD_ (64 kB) in workers, which also pins glibc's mmap threshold:
+    every large temporary is then mmapped and unmapped, and the E/M pass ran 2x slower. Keep them
+    on the heap, and the heap's top too (with a 64 kB trim every batch's temporaries went back to
+    the kernel and came back as fresh zeroed pages: twice the page faults, 1.7x the system time),
+    except under a memory limit: there the heap's top is trimmed at 64 kB as dask has it (a heap
+    keeping what was freed grew past 800 MB and its workers were restarted), but temporaries stay
+    off mmap all the same (20k particles of box 64 under 800 MB: 3.8 s per iteration, not 7.3 s).
+
+    GPU workers' large host allocations are the store reads of streamed chunks (zarr reads a whole
+    shard, 134 MB at box 128), made in read-ahead threads, whose own malloc arenas cannot hold more
+    than 64 MB at once: each read was mmapped afresh whatever the thresholds (0.9 GB/s in a thread
+    here, 1.3 with the thresholds alone). One arena for all threads keeps them on the heap too:
+    3.2 GB/s. CPU workers keep their arenas: their streamed passes ran 15% faster with one, but
+    whole iterations were no faster (the driver's M-step beside them took twice the system time).
+    """
+    return {
+        "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
+        "MALLOC_TRIM_THRESHOLD_": str(TRIM_UNDER_LIMIT if memory_limit else MMAP_THRESHOLD),
+        # 0: glibc's own number of arenas, said all the same: a nanny that restarts its worker
+        # leaves its settings in this process's environment, for the next cluster's workers.
+        "MALLOC_ARENA_MAX": "1" if gpu else "0",
+    }
+
+
+def _respawn(environ: dict[str, str]) -> dict[str, str]:
+    """dask settings that give a nanny's restarted worker `environ` too."""
+    return {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in environ.items()}
+
+
 @contextmanager
 def _environ(values: dict[str, str]) -> Iterator[None]:
     """`values` in this process's environment while workers are started, as they spawn with it.
@@ -159,7 +191,8 @@ def connect(
     if gpus != "none" and gpu_count() > 0:
         from dask_cuda import LocalCUDACluster
 
-        with dask.config.set(EMBEDDED), _workers_ignore_ctrl_c():
+        heap = _worker_heap(memory_limit, gpu=True)
+        with dask.config.set({**EMBEDDED, **_respawn(heap)}), _environ(heap), _workers_ignore_ctrl_c():
             local = LocalCUDACluster(
                 CUDA_VISIBLE_DEVICES=gpus,
                 threads_per_worker=1,
@@ -168,19 +201,8 @@ def connect(
                 silence_logs=WORKER_LOG_LEVEL,
             )
         return Cluster(client=Client(local), backend="cupy", local=local, driver_gpu=first_gpu(gpus))
-    # dask sets MALLOC_TRIM_THRESHOLD_ (64 kB) in workers, which also pins glibc's mmap threshold:
-    # every large temporary is then mmapped and unmapped, and the E/M pass ran 2x slower. Keep them
-    # on the heap, and the heap's top too (with a 64 kB trim every batch's temporaries went back to
-    # the kernel and came back as fresh zeroed pages: twice the page faults, 1.7x the system time),
-    # except under a memory limit: there the heap's top is trimmed at 64 kB as dask has it (a heap
-    # keeping what was freed grew past 800 MB and its workers were restarted), but temporaries stay
-    # off mmap all the same (20k particles of box 64 under 800 MB: 3.8 s per iteration, not 7.3 s).
-    heap = {
-        "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
-        "MALLOC_TRIM_THRESHOLD_": str(TRIM_UNDER_LIMIT if memory_limit else MMAP_THRESHOLD),
-    }
-    spawn = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in heap.items()}  # for restarts
-    with dask.config.set({**EMBEDDED, **spawn}), _environ(heap), _workers_ignore_ctrl_c():
+    heap = _worker_heap(memory_limit, gpu=False)
+    with dask.config.set({**EMBEDDED, **_respawn(heap)}), _environ(heap), _workers_ignore_ctrl_c():
         local = LocalCluster(
             n_workers=workers or os.cpu_count() or 1,
             threads_per_worker=1,
