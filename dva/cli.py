@@ -487,6 +487,10 @@ def bench(
         f"median {found['median_iteration_s']:.2f} s per iteration = {found['particles_per_s']:,.0f} particles/s; "
         f"peak memory per worker {', '.join(f'{m:.0f}' for m in found['peak_worker_rss_mb'])} MB"
     )
+    print(
+        f"whole run {found['run_s']:.1f} s ({found['mean_pass_s']:.1f} s of it the mean's pass), "
+        f"after {found['cluster_start_s']:.1f} s starting the cluster"
+    )
     phases = found["phases_s"]
     print(
         f"per iteration: workers' passes {phases['passes']:.2f} s, collecting their sums {phases['collect']:.2f} s, "

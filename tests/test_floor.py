@@ -74,6 +74,8 @@ def test_bench_reports_a_floor_below_the_measured_time():
     phases = found["phases_s"]
     assert all(v > 0 for v in phases.values())
     assert sum(phases.values()) <= max(found["iteration_s"])  # parts of an iteration, none counted twice
+    assert found["mean_pass_s"] + sum(found["iteration_s"]) < found["run_s"]  # and the final pass
+    assert found["cluster_start_s"] > 0
 
 
 def test_bench_data_is_made_once_and_reused(tmp_path):
