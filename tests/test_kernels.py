@@ -343,7 +343,8 @@ def test_the_cpu_kernels_run_from_a_read_only_install(tmp_path):
             {"DVA_CUDA_THREADS": "128", "DVA_CUDA_RESIDENT_THREADS": "65536", "DVA_CUDA_MAX_REGISTERS": "96"},
             "128 65536 96",
         ),
-        ({"DVA_CUDA_THREADS": "many"}, "DVA_CUDA_THREADS='many': not an integer"),
+        ({"DVA_CUDA_THREADS": "many"}, "DVA_CUDA_THREADS='many': give a whole number from 1 to 1024"),
+        ({"DVA_CUDA_MAX_REGISTERS": "300"}, "DVA_CUDA_MAX_REGISTERS='300': give a whole number from 16 to 255"),
     ],
 )
 def test_the_launch_shape_is_dvas_own_unless_the_environment_sets_it(environment, shape):

@@ -543,7 +543,47 @@ def test_a_failed_run_lets_go_of_the_chunks_it_kept(store, cluster):
         assert sum(cluster.client.run(_chunks_held).values()) > 0  # kept while the run goes on
         raise RuntimeError("stopped")
 
-    with pytest.raises(RuntimeError, match="stopped") as failed:
+    with pytest.raises(RuntimeError, match="stopped"):  # (its traceback, kept, holds the run's frames)
         run_3dva(path, mask, PARAMS, cluster, progress=fail)
-    assert failed.traceback  # held, with the frames that held the placement
     assert sum(cluster.client.run(_chunks_held).values()) == 0
+
+
+def test_failed_subset_reconstructions_let_go_of_the_chunks_they_kept(store, cluster, monkeypatch):
+    from dva.engine import reconstruct
+
+    def fail(*args):
+        raise RuntimeError("stopped")
+
+    monkeypatch.setattr(reconstruct, "solve_mean", fail)
+    with pytest.raises(RuntimeError, match="stopped"):
+        reconstruct.reconstruct_subsets(store[0], np.ones((600, 2)), 32, "input", 1.0, cluster)
+    assert sum(cluster.client.run(_chunks_held).values()) == 0
+
+
+def _volume_or_failure(source, failing: int) -> dict:
+    """`_volume_and_count`, but the task of particles from `failing` fails (after the others)."""
+    import time
+
+    if source.start == failing:
+        time.sleep(0.5)
+        raise ValueError("a task failed")
+    return _volume_and_count(source)
+
+
+def _passes_held() -> int:
+    from dva.engine import tasks
+
+    return len(tasks._HELD)
+
+
+def test_a_pass_that_fails_leaves_no_sums_on_the_workers(store, cluster):
+    """A task's error (or an interrupt) ends the run mid-pass: the sums the pass's finished tasks
+    added up on their workers go with it (volume-sized device arrays on GPU workers)."""
+    from dva.engine.placement import place_chunks
+
+    client = cluster.client
+    placement = place_chunks(client, str(store[0]), 600, 100, 32, "numpy", 0)
+    with pytest.raises(ValueError, match="a task failed"):
+        placement.map(client, _volume_or_failure, 300)
+    assert sum(client.run(_passes_held).values()) == 0
+    placement.release(client)

@@ -141,7 +141,9 @@ def _malloc_settings() -> tuple[str | None, ...]:
 
 
 class _LocalClusterAsCuda(LocalCluster):
-    """dask-cuda's LocalCUDACluster as `connect` starts it, on a machine without GPUs."""
+    """dask-cuda's LocalCUDACluster as `connect` starts it, on a machine without GPUs (dask-cuda
+    26.10's is a LocalCluster of nannies that start their workers in its constructor, so they get
+    the same environment; a change in dask-cuda itself is not caught here)."""
 
     def __init__(self, CUDA_VISIBLE_DEVICES=None, **kwargs):  # (dask-cuda's argument, unused here)
         super().__init__(n_workers=1, **kwargs)
@@ -174,8 +176,10 @@ def test_embedded_workers_keep_large_temporaries_off_mmap(memory_limit, gpu, mon
 
 
 _THREADED_READS = """
-import resource, sys
+import ctypes, resource, sys
 from concurrent.futures import ThreadPoolExecutor
+
+assert ctypes.CDLL(None).prctl(41, 1, 0, 0, 0) == 0  # PR_SET_THP_DISABLE: count 4 kB pages wherever THP is "always"
 
 def read():
     with open(sys.argv[1], "rb") as f:

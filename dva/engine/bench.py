@@ -88,9 +88,11 @@ def bench(
     data: Path | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Per-iteration times, particles per second per iteration, peak memory per worker, and the
-    floor model (`dva.engine.floor`) at the backend's ceilings; `streamed` keeps no chunk resident,
-    `on_host` none in GPU memory (GPU workers keep them in host memory; CPU workers none).
+    """Per-iteration times and their parts, particles per second per iteration, the whole run's
+    time (`run_s`) and the cluster's start, peak memory per worker, GPU workers' launch shape
+    (`cuda_launch`), and the floor model (`dva.engine.floor`) at the backend's ceilings;
+    `streamed` keeps no chunk resident, `on_host` none in GPU memory (GPU workers keep them in
+    host memory; CPU workers none).
     The dataset is made in a temporary folder, or kept in and reused from `data` (`dataset`).
     `progress` gets a line as each stage and iteration ends (what a run cut short had done)."""
     say = progress or (lambda line: None)
@@ -108,10 +110,10 @@ def bench(
         t_start = time.perf_counter()
         cluster = connect(scheduler, workers=workers, gpus=gpus)
         start_s = time.perf_counter() - t_start
-        say(
-            f"cluster of {len(cluster.client.ncores())} {cluster.backend} worker(s) up; the mean's pass, then the iterations"
-        )
         try:
+            say(
+                f"cluster of {len(cluster.client.ncores())} {cluster.backend} worker(s) up; the mean's pass, then the iterations"
+            )
             params = RunParams(filter_res_A=4 * pixel, modes=modes, iterations=iterations)
             result = run_3dva(
                 store,
@@ -148,11 +150,11 @@ def bench(
         "particles_per_s": particles / median,
         "phases_s": _phases(result.metrics),
         "mean_pass_s": result.timings["mean_s"],
-        # The whole job's wall time from the imported store: the cluster started, then the run
-        # (the mean's pass, the iterations, the final pass), without simulating and importing.
-        "cluster_start_s": start_s,
-        "run_s": result.timings["total_s"],
-        "prepare_s": prepare_s,
+        "run_s": result.timings[
+            "total_s"
+        ],  # the whole run from the imported store: mean's pass, iterations, final pass
+        "cluster_start_s": start_s,  # starting (or joining) the cluster, before the run
+        "prepare_s": prepare_s,  # simulating and importing the dataset (0 when reused)
         "peak_worker_rss_mb": sorted(round(v, 1) for v in peaks.values()),
         "cuda_launch": launch,
         "floor": floor_report(

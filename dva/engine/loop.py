@@ -8,6 +8,7 @@ there; the model is scattered once per iteration; the driver only solves per vox
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -370,7 +371,8 @@ def run_3dva(
         # what the workers kept for the run goes even when it failed (or was interrupted)
         placement.release(client)
         if driver is not np:
-            driver.get_default_memory_pool().free_all_blocks()  # the M-step's cached memory: the run is over
+            with contextlib.suppress(Exception):  # (after a CUDA error, the run's own error is the one to tell)
+                driver.get_default_memory_pool().free_all_blocks()  # the M-step's cached memory: the run is over
     timings["total_s"] = time.perf_counter() - t0
     return Result(
         mean=mean,

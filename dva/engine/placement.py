@@ -90,7 +90,7 @@ class Placement:
         exactly once, starts again with its tasks on the workers that are left, up to `ATTEMPTS`
         times."""
         for _ in range(ATTEMPTS):
-            scattered = []
+            scattered, outs = [], []
             key = f"{getattr(function, '__name__', 'pass')}-{uuid.uuid4().hex}"
             try:
                 client.wait_for_workers(1)
@@ -110,13 +110,20 @@ class Placement:
                 client.cancel(outs)
             except (CancelledError, CommClosedError):
                 pass  # workers were lost with what the pass needed (the scattered model with its holders)
+            except BaseException:
+                # The run stops here (a task's error, an interrupt): the pass's other tasks go, and
+                # the sums its finished ones added up on their workers.
+                with contextlib.suppress(Exception):
+                    client.cancel(outs)
+                if total:
+                    _free_on_workers(client, collect_held, key)
+                raise
             finally:
                 # Kept until the results are in: recomputing partials lost with a worker needs it.
                 for future in scattered:
                     future.release()
             if total:
-                with contextlib.suppress(Exception):
-                    client.run(collect_held, key, on_error="ignore")  # what a failed pass left on the workers
+                _free_on_workers(client, collect_held, key)  # what a failed pass left on the workers
             self.repin(client)
         raise DvaClusterError(
             f"a pass over the particles lost its workers {ATTEMPTS} times (see the workers' logs: memory "
@@ -157,8 +164,7 @@ class Placement:
         streaming = {w for s, w in zip(self.sources, self.workers, strict=True) if not isinstance(s, Future)}
         idle = sorted(set(self.workers) - streaming)
         if idle:
-            with contextlib.suppress(Exception):
-                client.run(free_buffers, workers=idle, on_error="ignore")
+            _free_on_workers(client, free_buffers, workers=idle)
 
     def settle(self, client: Client, futures: list[Future]) -> bool:
         """Wait for `futures`. False when they cannot finish: one was cancelled (its scattered
@@ -206,7 +212,17 @@ class Placement:
         kept = [s for s in self.sources if isinstance(s, Future)]
         with contextlib.suppress(Exception):
             client.cancel(kept)
-            client.run(end_run, self.chunks[0].backend, [f.key for f in kept], on_error="ignore")
+        _free_on_workers(client, end_run, self.chunks[0].backend, [f.key for f in kept])
+
+
+def _free_on_workers(client: Client, function: Callable, *args, workers: list[str] | None = None) -> None:
+    """`function(*args)` on the workers (all, or `workers`) to free what they keep; raises nothing,
+    and does nothing when the client has lost its scheduler (a failed run's own error would first
+    wait ~30 s for the connection to time out)."""
+    if client.status != "running":
+        return
+    with contextlib.suppress(Exception):
+        client.run(function, *args, workers=workers, on_error="ignore")
 
 
 def following(

@@ -33,6 +33,8 @@ from __future__ import annotations
 import functools
 import os
 
+from dva.errors import DvaInputError
+
 SOURCE = r"""
 __device__ float neighbours(const double* r, const double kx, const double ky, const int box, int* index,
                             float* weights)
@@ -271,28 +273,31 @@ extern "C" __global__ void estep_insert(const long long* order, const double* ro
 """
 
 
-def _launch_setting(name: str, default: int | None) -> int | None:
-    """`default`, or the integer in the environment variable `DVA_CUDA_<name>` where it is set (for
-    tuning: `tests/benchmarks/gpu.sh` benchmarks the launch shape its sweep found fastest; a
-    LocalCUDACluster's workers inherit the environment of the process that starts them)."""
+def _launch_setting(name: str, low: int, high: int) -> int | None:
+    """The integer in the environment variable `DVA_CUDA_<name>`, from `low` to `high` (None where
+    it is unset). For tuning: `tests/benchmarks/gpu.sh` benchmarks the launch shape its sweep found
+    fastest; a LocalCUDACluster's workers inherit the environment of the process that starts them."""
     value = os.environ.get(f"DVA_CUDA_{name}")
     if value is None:
-        return default
+        return None
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
-        raise ValueError(f"DVA_CUDA_{name}={value!r}: not an integer") from None
+        number = None
+    if number is None or not low <= number <= high:
+        raise DvaInputError(f"DVA_CUDA_{name}={value!r}: give a whole number from {low} to {high}")
+    return number
 
 
-# The launch shape, untuned (`tests/benchmarks/kernels.py` sweeps it on a GPU):
-THREADS = _launch_setting("THREADS", 256)  # per block
+# The launch shape, untuned (`tests/benchmarks/kernels.py` sweeps it on a GPU), unless set:
+THREADS: int = _launch_setting("THREADS", 1, 1024) or 256  # per block
 # Threads an E-step pass aims to launch (an H100 keeps ~270k resident).
-RESIDENT_THREADS = _launch_setting("RESIDENT_THREADS", 2**18)
+RESIDENT_THREADS: int = _launch_setting("RESIDENT_THREADS", 1, 2**31 - 1) or 2**18
 # Registers per thread the kernels may use (NVRTC --maxrregcount; None: the compiler's choice). At
 # K = 3 the E-step's sums pass takes 128 (sm_90), so 2 blocks of 256 threads fit an SM (25% of its
 # threads); capped at 96 it does not spill (5 blocks of 128 threads), at 80 or 64 it spills 100 or
 # 268 bytes (3 or 4 blocks of 256).
-MAX_REGISTERS = _launch_setting("MAX_REGISTERS", None)
+MAX_REGISTERS: int | None = _launch_setting("MAX_REGISTERS", 16, 255)
 
 
 @functools.cache

@@ -102,7 +102,8 @@ def main() -> None:
         from dva.ops import kernels
     else:
         xp = np
-    # dva's own, then each knob moved from it (threads, aim, register cap), and the cap of 96 also in
+    # dva's own (`dva_default`: its defaults, or what DVA_CUDA_* variables set; gpu.sh sets none
+    # here), then each knob moved from it (threads, aim, register cap), and the cap of 96 also in
     # blocks of 128 threads (where it fits a fifth block per SM at K = 3)
     shapes = [(None, None, None)]
     if on_gpu and not args.no_sweep:
