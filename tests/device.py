@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+import scipy.fft
 from numpy.lib.mixins import NDArrayOperatorsMixin
 
 from dva.ops.kernels import SOURCE
@@ -371,7 +372,11 @@ def cupy_standin(compile: Callable, free_bytes: int = 8 << 30) -> tuple[types.Mo
     """The `cupy` and `cupyx` stand-in modules, with `free_bytes` of "device memory" free."""
     cupy = _device_namespace(np, "cupy")
     base = cupy.__getattr__
-    submodules = {name: _device_namespace(getattr(np, name), f"cupy.{name}") for name in ("fft", "linalg")}
+    # FFTs as the NumPy path computes them (`dva.ops.fourier.fft`): the two paths' results compare exactly
+    submodules = {
+        "fft": _device_namespace(scipy.fft, "cupy.fft"),
+        "linalg": _device_namespace(np.linalg, "cupy.linalg"),
+    }
     cuda = types.SimpleNamespace(
         runtime=types.SimpleNamespace(memGetInfo=lambda: (free_bytes, 2 * free_bytes), getDeviceCount=lambda: DEVICES),
         get_current_stream=_Stream,

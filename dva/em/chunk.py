@@ -20,7 +20,7 @@ import numpy as np
 from dva.io.table import CTF_FIELDS
 from dva.ops.ctf import ctf_2d
 from dva.ops.filters import radius_3d
-from dva.ops.fourier import fourier_crop
+from dva.ops.fourier import fft, fourier_crop
 
 # Filter weight below which the components count as zero (`filter_pixels`): their slices and the
 # M-step statistics skip those Fourier pixels. 0 (every pixel) by default: the order-1.5 low-pass
@@ -161,7 +161,7 @@ def _samples(images, rows: dict[str, np.ndarray], band: Band, original_box: int,
     box = band.box
     factor = original_box / box
     imgs = fourier_crop(xp.asarray(images, dtype=xp.float32), box, xp=xp)
-    f = xp.fft.rfft2(xp.fft.ifftshift(imgs, axes=(-2, -1))).reshape(len(imgs), -1)[:, band.flat]
+    f = fft(xp).rfft2(fft(xp).ifftshift(imgs, axes=(-2, -1))).reshape(len(imgs), -1)[:, band.flat]
     # The shift's phase in float32 (as stored; ~1e-5 radians off at 100 px): cos and sin, not a
     # complex exp (NumPy's complex exp is not vectorised: 10x slower)
     shift = (xp.asarray(rows["shift_px"]) / factor).astype(xp.float32)

@@ -6,6 +6,8 @@ from types import ModuleType
 
 import numpy as np
 
+from dva.ops.fourier import fft
+
 
 def radius_3d(box: int, xp: ModuleType = np):
     """|k| in cycles/pixel on the centred `(box, box, box)` grid (DC at index box//2)."""
@@ -27,8 +29,8 @@ def half_spectrum(volume, xp: ModuleType = np):
     """Real `vol[z, y, x]` (centre at D//2) to its half spectrum `(D, D, D//2)`: the `x ≥ D//2` half
     of the centred layout `fftshift(fftn(ifftshift(vol)))` (`[z, y, x − D//2]`, kx = 0 … D/2 − 1;
     the rest is its conjugate mirror), by `rfftn` (half the work of `fftn`)."""
-    half = xp.fft.rfftn(xp.fft.ifftshift(volume))[..., : volume.shape[-1] // 2]
-    return xp.fft.fftshift(half, axes=(0, 1))
+    half = fft(xp).rfftn(fft(xp).ifftshift(volume))[..., : volume.shape[-1] // 2]
+    return fft(xp).fftshift(half, axes=(0, 1))
 
 
 def to_real(half, xp: ModuleType = np):
@@ -37,13 +39,13 @@ def to_real(half, xp: ModuleType = np):
     is taken as zero. By `irfftn`."""
     box = half.shape[0]
     spectrum = xp.zeros((box, box, box // 2 + 1), dtype=xp.result_type(half.dtype, xp.complex64))
-    spectrum[..., : box // 2] = xp.fft.ifftshift(half, axes=(0, 1))
-    return xp.fft.fftshift(xp.fft.irfftn(spectrum, s=(box, box, box), axes=(0, 1, 2)))
+    spectrum[..., : box // 2] = fft(xp).ifftshift(half, axes=(0, 1))
+    return fft(xp).fftshift(fft(xp).irfftn(spectrum, s=(box, box, box), axes=(0, 1, 2)))
 
 
 def filter_real(volume, filt, xp: ModuleType = np):
     """A real volume times a real filter `(D, D, D)` in the centred Fourier layout that is even
     (`filt(−k) = filt(k)`, as radial filters are), through `rfftn`/`irfftn` (half the work)."""
-    half = xp.fft.ifftshift(filt)[..., : volume.shape[-1] // 2 + 1]
-    spectrum = xp.fft.rfftn(xp.fft.ifftshift(volume)) * half
-    return xp.fft.fftshift(xp.fft.irfftn(spectrum, s=volume.shape, axes=(0, 1, 2)))
+    half = fft(xp).ifftshift(filt)[..., : volume.shape[-1] // 2 + 1]
+    spectrum = fft(xp).rfftn(fft(xp).ifftshift(volume)) * half
+    return fft(xp).fftshift(fft(xp).irfftn(spectrum, s=volume.shape, axes=(0, 1, 2)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from dva.ops.filters import radius_3d
+from dva.ops.fourier import fft
 
 FSC_THRESHOLD = 0.143
 
@@ -15,8 +16,8 @@ def fsc(a: np.ndarray, b: np.ndarray, pixel_size_A: float) -> tuple[np.ndarray, 
     Shell s holds the voxels with round(|k|·D) = s (k in cycles/pixel).
     """
     box = a.shape[0]
-    fa = np.fft.fftshift(np.fft.fftn(np.fft.ifftshift(a)))
-    fb = np.fft.fftshift(np.fft.fftn(np.fft.ifftshift(b)))
+    fa = fft().fftshift(fft().fftn(fft().ifftshift(a)))
+    fb = fft().fftshift(fft().fftn(fft().ifftshift(b)))
     shell = np.rint(radius_3d(box) * box).astype(np.int64).ravel()
     inside = shell < box // 2
     s = shell[inside]

@@ -23,6 +23,7 @@ from dva.io.mrc import write_stack, write_volume
 from dva.io.star import write_star
 from dva.io.table import make_table, uids_from_rows
 from dva.ops.ctf import ctf_2d, frequency_grid_2d
+from dva.ops.fourier import fft
 from dva.ops.rotation import random_rotations
 from dva.sim.phantom import (
     blob_state,
@@ -107,8 +108,8 @@ def clean_images(phantom, d: Draws, rows: slice) -> np.ndarray:
         defocus_angle_rad=d.defocus_angle_rad[rows, None, None],
         **CTF_CONSTANTS,
     ).astype(np.float32)
-    f = np.fft.rfft2(np.fft.ifftshift(proj.astype(np.float32), axes=(-2, -1)))
-    return np.fft.fftshift(np.fft.irfft2(f * ctf, s=proj.shape[-2:]), axes=(-2, -1)).astype(np.float32)
+    f = fft().rfft2(fft().ifftshift(proj.astype(np.float32), axes=(-2, -1)))
+    return fft().fftshift(fft().irfft2(f * ctf, s=proj.shape[-2:]), axes=(-2, -1)).astype(np.float32)
 
 
 def noisy_images(phantom, d: Draws, rows: slice, sigma: float, seed: int) -> np.ndarray:
