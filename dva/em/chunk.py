@@ -161,7 +161,8 @@ def _samples(images, rows: dict[str, np.ndarray], band: Band, original_box: int,
     box = band.box
     factor = original_box / box
     imgs = fourier_crop(xp.asarray(images, dtype=xp.float32), box, xp=xp)
-    f = fft(xp).rfft2(fft(xp).ifftshift(imgs, axes=(-2, -1))).reshape(len(imgs), -1)[:, band.flat]
+    transforms = fft(xp)
+    f = transforms.rfft2(transforms.ifftshift(imgs, axes=(-2, -1))).reshape(len(imgs), -1)[:, band.flat]
     # The shift's phase in float32 (as stored; ~1e-5 radians off at 100 px): cos and sin, not a
     # complex exp (NumPy's complex exp is not vectorised: 10x slower)
     shift = (xp.asarray(rows["shift_px"]) / factor).astype(xp.float32)

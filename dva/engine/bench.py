@@ -19,6 +19,7 @@ from dva.engine.loop import RunParams, run_3dva
 from dva.io.atomic import atomic_path
 from dva.io.star import read_star
 from dva.io.store import import_particles
+from dva.ops.kernels import launch_shape
 from dva.sim.simulate import simulate_dataset
 
 
@@ -31,17 +32,6 @@ def _peak_rss_mb() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _cuda_launch() -> dict:
-    """A GPU worker's launch shape of the CUDA kernels (`dva.ops.kernels`, as its environment set it)."""
-    from dva.ops import kernels
-
-    return {
-        "threads_per_block": kernels.THREADS,
-        "threads_aimed": kernels.RESIDENT_THREADS,
-        "max_registers": kernels.MAX_REGISTERS,
-    }
 
 
 def dataset(folder: Path, particles: int, box: int, chunk_size: int | None) -> tuple[Path, Path]:
@@ -130,7 +120,8 @@ def bench(
             )
             peaks = cluster.client.run(_peak_rss_mb)
             n_workers = len(peaks)
-            launch = next(iter(cluster.client.run(_cuda_launch).values())) if cluster.backend == "cupy" else None
+            # the GPU workers' launch shape, as their environment set it
+            launch = next(iter(cluster.client.run(launch_shape).values())) if cluster.backend == "cupy" else None
         finally:
             cluster.close()
     times = [m["seconds"] for m in result.metrics]
@@ -150,9 +141,8 @@ def bench(
         "particles_per_s": particles / median,
         "phases_s": _phases(result.metrics),
         "mean_pass_s": result.timings["mean_s"],
-        "run_s": result.timings[
-            "total_s"
-        ],  # the whole run from the imported store: mean's pass, iterations, final pass
+        # the whole run from the imported store: mean's pass, iterations, final pass
+        "run_s": result.timings["total_s"],
         "cluster_start_s": start_s,  # starting (or joining) the cluster, before the run
         "prepare_s": prepare_s,  # simulating and importing the dataset (0 when reused)
         "peak_worker_rss_mb": sorted(round(v, 1) for v in peaks.values()),

@@ -29,23 +29,25 @@ def half_spectrum(volume, xp: ModuleType = np):
     """Real `vol[z, y, x]` (centre at D//2) to its half spectrum `(D, D, D//2)`: the `x ≥ D//2` half
     of the centred layout `fftshift(fftn(ifftshift(vol)))` (`[z, y, x − D//2]`, kx = 0 … D/2 − 1;
     the rest is its conjugate mirror), by `rfftn` (half the work of `fftn`)."""
-    half = fft(xp).rfftn(fft(xp).ifftshift(volume))[..., : volume.shape[-1] // 2]
-    return fft(xp).fftshift(half, axes=(0, 1))
+    transforms = fft(xp)
+    half = transforms.rfftn(transforms.ifftshift(volume))[..., : volume.shape[-1] // 2]
+    return transforms.fftshift(half, axes=(0, 1))
 
 
 def to_real(half, xp: ModuleType = np):
     """Inverse of `half_spectrum` for a half spectrum `(D, D, D//2)` whose kx = 0 plane is
     conjugate-symmetric (as every spectrum dva inverts is); the kx = D/2 plane, outside every band,
     is taken as zero. By `irfftn`."""
-    box = half.shape[0]
+    box, transforms = half.shape[0], fft(xp)
     spectrum = xp.zeros((box, box, box // 2 + 1), dtype=xp.result_type(half.dtype, xp.complex64))
-    spectrum[..., : box // 2] = fft(xp).ifftshift(half, axes=(0, 1))
-    return fft(xp).fftshift(fft(xp).irfftn(spectrum, s=(box, box, box), axes=(0, 1, 2)))
+    spectrum[..., : box // 2] = transforms.ifftshift(half, axes=(0, 1))
+    return transforms.fftshift(transforms.irfftn(spectrum, s=(box, box, box), axes=(0, 1, 2)))
 
 
 def filter_real(volume, filt, xp: ModuleType = np):
     """A real volume times a real filter `(D, D, D)` in the centred Fourier layout that is even
     (`filt(−k) = filt(k)`, as radial filters are), through `rfftn`/`irfftn` (half the work)."""
-    half = fft(xp).ifftshift(filt)[..., : volume.shape[-1] // 2 + 1]
-    spectrum = fft(xp).rfftn(fft(xp).ifftshift(volume)) * half
-    return fft(xp).fftshift(fft(xp).irfftn(spectrum, s=volume.shape, axes=(0, 1, 2)))
+    transforms = fft(xp)
+    half = transforms.ifftshift(filt)[..., : volume.shape[-1] // 2 + 1]
+    spectrum = transforms.rfftn(transforms.ifftshift(volume)) * half
+    return transforms.fftshift(transforms.irfftn(spectrum, s=volume.shape, axes=(0, 1, 2)))

@@ -30,9 +30,9 @@ def fourier_crop(a, new_box: int, *, ndim: int = 2, xp: ModuleType = np):
         return a
     if new_box > box:
         raise ValueError(f"fourier_crop: new box {new_box} is larger than {box}")
-    axes = tuple(range(-ndim, 0))
-    f = fft(xp).fftshift(fft(xp).fftn(fft(xp).ifftshift(a, axes=axes), axes=axes), axes=axes)
+    axes, transforms = tuple(range(-ndim, 0)), fft(xp)
+    f = transforms.fftshift(transforms.fftn(transforms.ifftshift(a, axes=axes), axes=axes), axes=axes)
     start = box // 2 - new_box // 2
     crop = (Ellipsis, *[slice(start, start + new_box)] * ndim)
-    out = fft(xp).fftshift(fft(xp).ifftn(fft(xp).ifftshift(f[crop], axes=axes), axes=axes), axes=axes)
+    out = transforms.fftshift(transforms.ifftn(transforms.ifftshift(f[crop], axes=axes), axes=axes), axes=axes)
     return (out.real * (new_box / box) ** ndim).astype(a.dtype, copy=False)

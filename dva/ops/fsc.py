@@ -16,8 +16,8 @@ def fsc(a: np.ndarray, b: np.ndarray, pixel_size_A: float) -> tuple[np.ndarray, 
     Shell s holds the voxels with round(|k|·D) = s (k in cycles/pixel).
     """
     box = a.shape[0]
-    fa = fft().fftshift(fft().fftn(fft().ifftshift(a)))
-    fb = fft().fftshift(fft().fftn(fft().ifftshift(b)))
+    transforms = fft()
+    fa, fb = (transforms.fftshift(transforms.fftn(transforms.ifftshift(v))) for v in (a, b))
     shell = np.rint(radius_3d(box) * box).astype(np.int64).ravel()
     inside = shell < box // 2
     s = shell[inside]

@@ -300,6 +300,11 @@ RESIDENT_THREADS: int = _launch_setting("RESIDENT_THREADS", 1, 2**31 - 1) or 2**
 MAX_REGISTERS: int | None = _launch_setting("MAX_REGISTERS", 16, 255)
 
 
+def launch_shape() -> dict:
+    """The launch shape in use (as `tests/benchmarks/kernels.py` and `dva bench` report it)."""
+    return {"threads_per_block": THREADS, "threads_aimed": RESIDENT_THREADS, "max_registers": MAX_REGISTERS}
+
+
 @functools.cache
 def _kernel(name: str, modes: int | None = None):
     """Kernel `name` of `SOURCE`, compiled with `MODES` defined for the E-step passes (and the

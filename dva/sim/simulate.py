@@ -108,8 +108,9 @@ def clean_images(phantom, d: Draws, rows: slice) -> np.ndarray:
         defocus_angle_rad=d.defocus_angle_rad[rows, None, None],
         **CTF_CONSTANTS,
     ).astype(np.float32)
-    f = fft().rfft2(fft().ifftshift(proj.astype(np.float32), axes=(-2, -1)))
-    return fft().fftshift(fft().irfft2(f * ctf, s=proj.shape[-2:]), axes=(-2, -1)).astype(np.float32)
+    transforms = fft()
+    f = transforms.rfft2(transforms.ifftshift(proj.astype(np.float32), axes=(-2, -1)))
+    return transforms.fftshift(transforms.irfft2(f * ctf, s=proj.shape[-2:]), axes=(-2, -1)).astype(np.float32)
 
 
 def noisy_images(phantom, d: Draws, rows: slice, sigma: float, seed: int) -> np.ndarray:

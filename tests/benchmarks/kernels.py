@@ -115,15 +115,7 @@ def main() -> None:
             kernels.THREADS, kernels.RESIDENT_THREADS, kernels.MAX_REGISTERS = block, aim, cap
             kernels._kernel.cache_clear()
         found = measure(chunk, model, args.box, xp, args.repeats)
-        launch = (
-            {
-                "threads_per_block": kernels.THREADS,
-                "threads_aimed": kernels.RESIDENT_THREADS,
-                "max_registers": kernels.MAX_REGISTERS,
-            }
-            if on_gpu
-            else {}
-        )
+        launch = kernels.launch_shape() if on_gpu else {}
         print(
             json.dumps(
                 {
