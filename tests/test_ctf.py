@@ -18,7 +18,7 @@ RELION31_P1 = {
 @pytest.mark.parametrize(("k", "expected"), [((0.05, 0.0), 0.851664), ((0.03, 0.04), 0.855729), ((0.0, 0.1), 0.978154)])
 def test_design_check_values(k, expected, xp):
     kx, ky = k
-    value = ctf_2d(xp.asarray(ky), xp.asarray(kx), **RELION31_P1)
+    value = ctf_2d(xp.asarray(ky), xp.asarray(kx), **RELION31_P1, xp=xp)
     assert float(value) == pytest.approx(expected, abs=1e-6)
 
 
