@@ -12,9 +12,11 @@ import pytest
 
 from dva.em.chunk import Chunk, filter_pixels, make_band
 from dva.em.estep import em_statistics
+from dva.em.mean import mean_statistics
 from dva.em.model import Model, fourier_stack
 from dva.em.mstep import band_filter, random_components, regularize, solve_components
 from dva.ops.rotation import random_rotations
+from dva.engine.tasks import to_numpy
 from dva.ops.slice import gather, gridding_correction
 from tests.conftest import to_fourier
 from tests.stencil import slice_coordinates, trilinear_stencil
@@ -92,6 +94,21 @@ def test_band_limited_pass_matches_the_full_pass_within_the_tolerance():
     assert np.linalg.norm(part_c - full_c) / np.linalg.norm(full_c) <= tol / 2  # measured 0.021
     np.testing.assert_allclose(part["power"], full["power"], rtol=tol)
     np.testing.assert_allclose(part["objective"], full["objective"], rtol=tol)
+
+
+def test_the_mean_pass_sums_every_samples_power_in_its_shell(xp):
+    """The data power per shell (the noise estimate's input) against a float64 loop over the samples,
+    each counted with its mate off the kx = 0 column."""
+    box, n = 24, 40
+    rng = np.random.default_rng(7)
+    band = make_band(box)
+    y = (rng.normal(size=(n, len(band.flat))) + 1j * rng.normal(size=(n, len(band.flat)))).astype(np.complex64)
+    chunk = Chunk(y, np.ones(y.shape, np.float32), random_rotations(n, rng), np.ones(n))
+    power = mean_statistics(chunk.map(xp.asarray), make_band(box, xp), "input", xp)["power"]
+    expected = np.zeros(band.shells)
+    for q, shell in enumerate(band.shell):
+        expected[shell] += (1.0 if band.kx[q] == 0 else 2.0) * sum(abs(complex(v)) ** 2 for v in y[:, q])
+    np.testing.assert_allclose(to_numpy(power), expected, rtol=1e-6)
 
 
 def test_the_pass_reports_particles_in_the_chunks_order():

@@ -53,9 +53,11 @@ def mean_statistics(chunk: Chunk, band: Band, scale: str, xp: ModuleType = np, w
             wg = w[:, g, None]
             values += [(wg * num.real).ravel(), (wg * imaginary).ravel(), (wg * den).ravel()]
         insert(xp.stack(values, -1), index, weights_3d, sums, xp)
+    # Summed over the particles first: one add per pixel into the few shells, not one per sample (on
+    # a GPU those are float64 atomics into ~D/2 addresses).
     power = xp.bincount(
-        xp.broadcast_to(band.shell, chunk.y.shape).ravel(),
-        weights=(xp.abs(chunk.y) ** 2 * band.multiplicity).ravel().astype(xp.float64),
+        band.shell,
+        weights=(xp.abs(chunk.y) ** 2).sum(axis=0, dtype=xp.float64) * band.multiplicity,
         minlength=band.shells,
     )
     count = band.shell_counts(len(chunk.y), xp)

@@ -24,7 +24,7 @@
 # $OUT/bench.log (the stages' start times and the benchmarks' progress: dataset made, each iteration).
 set -o pipefail
 export PYTHONUNBUFFERED=1
-source .whl/install-wheels.sh || exit 1
+source .whl/install-wheels.sh .whl || exit 1  # (its own argument: `source` would pass it this script's stage names)
 export PYTHONPATH="$PWD:$PYTHONPATH"
 OUT="${OUT:-/tmp/dva-gpu}"
 mkdir -p "$OUT"
