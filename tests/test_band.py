@@ -15,8 +15,8 @@ from dva.em.estep import em_statistics
 from dva.em.mean import mean_statistics
 from dva.em.model import Model, fourier_stack
 from dva.em.mstep import band_filter, random_components, regularize, solve_components
-from dva.ops.rotation import random_rotations
 from dva.engine.tasks import to_numpy
+from dva.ops.rotation import random_rotations
 from dva.ops.slice import gather, gridding_correction
 from tests.conftest import to_fourier
 from tests.stencil import slice_coordinates, trilinear_stencil
