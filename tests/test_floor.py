@@ -76,6 +76,10 @@ def test_bench_reports_a_floor_below_the_measured_time():
     assert sum(phases.values()) <= max(found["iteration_s"])  # parts of an iteration, none counted twice
     assert found["mean_pass_s"] + sum(found["iteration_s"]) < found["run_s"]  # and the final pass
     assert found["cluster_start_s"] > 0
+    tasks = found["task_s"]  # the workers' share: each chunk read once, then a task per chunk and pass
+    chunks = tasks["load_chunk"]["tasks"]
+    assert tasks["mean_partial"]["tasks"] == chunks and tasks["em_partial"]["tasks"] == 2 * chunks
+    assert 0 < tasks["em_partial"]["compute_s"] <= sum(found["iteration_s"])  # one worker: within the passes
 
 
 def test_bench_data_is_made_once_and_reused(tmp_path):

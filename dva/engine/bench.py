@@ -12,6 +12,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
+from dask.utils import key_split
+from distributed import get_task_stream
 
 from dva.engine.cluster import connect
 from dva.engine.floor import H100, floor_report, measure_cpu_ceilings
@@ -63,6 +65,19 @@ def _phases(metrics: list[dict]) -> dict:
     }
 
 
+def _task_seconds(records: list[dict]) -> dict:
+    """Seconds the workers computed and tasks run, per task function (`load_chunk`: reading and
+    preparing the chunks kept; `mean_partial`: the mean's pass; `em_partial`: the iterations'
+    passes; ...), from dask's task stream: where the run's time went on the workers."""
+    totals: dict[str, dict] = {}
+    for record in records:
+        seconds = sum(s["stop"] - s["start"] for s in record["startstops"] if s["action"] == "compute")
+        entry = totals.setdefault(key_split(record["key"]), {"tasks": 0, "compute_s": 0.0})
+        entry["tasks"] += 1
+        entry["compute_s"] += seconds
+    return {name: {**entry, "compute_s": round(entry["compute_s"], 3)} for name, entry in sorted(totals.items())}
+
+
 def bench(
     particles: int,
     box: int,
@@ -79,7 +94,8 @@ def bench(
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Per-iteration times and their parts, particles per second per iteration, the whole run's
-    time (`run_s`) and the cluster's start, peak memory per worker, GPU workers' launch shape
+    time (`run_s`) and the cluster's start, the workers' compute seconds per task function
+    (`task_s`: reading and preparing chunks, the mean's pass, ...), peak memory per worker, GPU workers' launch shape
     (`cuda_launch`), and the floor model (`dva.engine.floor`) at the backend's ceilings;
     `streamed` keeps no chunk resident, `on_host` none in GPU memory (GPU workers keep them in
     host memory; CPU workers none).
@@ -105,19 +121,21 @@ def bench(
                 f"cluster of {len(cluster.client.ncores())} {cluster.backend} worker(s) up; the mean's pass, then the iterations"
             )
             params = RunParams(filter_res_A=4 * pixel, modes=modes, iterations=iterations)
-            result = run_3dva(
-                store,
-                sim / "mask.mrc",
-                params,
-                cluster,
-                resident_bytes=0 if streamed or on_host else None,
-                host_bytes=0 if streamed else None,
-                progress=lambda m: say(
-                    f"iteration {m['iteration']}: {m['seconds']:.2f} s ({particles / m['seconds']:,.0f} particles/s; "
-                    f"workers' passes {m['pass_s'] - m['collect_s']:.2f} s, collecting {m['collect_s']:.2f} s, "
-                    f"M-step {m['mstep_s']:.2f} s)"
-                ),
-            )
+            t_run = time.perf_counter()
+            with get_task_stream(client=cluster.client) as stream:
+                result = run_3dva(
+                    store,
+                    sim / "mask.mrc",
+                    params,
+                    cluster,
+                    resident_bytes=0 if streamed or on_host else None,
+                    host_bytes=0 if streamed else None,
+                    progress=lambda m: say(
+                        f"iteration {m['iteration']}: {m['seconds']:.2f} s ({particles / m['seconds']:,.0f} particles/s; "
+                        f"workers' passes {m['pass_s'] - m['collect_s']:.2f} s, collecting {m['collect_s']:.2f} s, "
+                        f"M-step {m['mstep_s']:.2f} s; {time.perf_counter() - t_run:.1f} s into the run)"
+                    ),
+                )
             peaks = cluster.client.run(_peak_rss_mb)
             n_workers = len(peaks)
             # the GPU workers' launch shape, as their environment set it
@@ -141,6 +159,7 @@ def bench(
         "particles_per_s": particles / median,
         "phases_s": _phases(result.metrics),
         "mean_pass_s": result.timings["mean_s"],
+        "task_s": _task_seconds(stream.data),
         # the whole run from the imported store: mean's pass, iterations, final pass
         "run_s": result.timings["total_s"],
         "cluster_start_s": start_s,  # starting (or joining) the cluster, before the run

@@ -1,7 +1,8 @@
 """The E-step passes alone, timed on one chunk of synthetic particles: each pass's seconds, samples
 per second and (second pass) scatter-adds per second against the floor model's ceilings, and on a
 GPU the same over launch shapes (threads per block, threads aimed at per pass, registers per
-thread), to tune them.
+thread), to tune them. With dva's own shape also the rest of a chunk's work: preparing it from
+stored images in host memory (`prepare_s`) and the mean's pass over it (`mean_statistics_s`).
 
     python tests/benchmarks/kernels.py --box 128 --modes 3 --particles 8192
     python tests/benchmarks/kernels.py --box 256 --modes 10 --particles 2048 --no-sweep
@@ -19,11 +20,13 @@ import time
 
 import numpy as np
 
-from dva.em.chunk import Chunk, make_band
+from dva.em.chunk import Chunk, make_band, prepare_chunk
 from dva.em.estep import _kernel_arguments, em_statistics, estep_insert, estep_sums, pair_index
+from dva.em.mean import mean_statistics
 from dva.em.model import Model
 from dva.engine.cluster import gpu_count
 from dva.engine.floor import H100
+from dva.io.table import CTF_FIELDS
 from dva.ops.rotation import random_rotations
 from dva.ops.slice import half_rows, view_order
 
@@ -45,6 +48,20 @@ def synthetic(particles: int, box: int, modes: int, xp) -> tuple[Chunk, Model]:
     return chunk, Model(volumes.astype(np.complex64), np.ones(box // 2), 0.01, "optimal")
 
 
+def stored(particles: int, box: int) -> tuple[np.ndarray, dict]:
+    """Images `(n, box, box)` float32 and table rows as a worker reads them from a store."""
+    rng = np.random.default_rng(2)
+    ctf = {"defocus_u_A": 15000.0, "defocus_v_A": 14000.0, "voltage_kV": 300.0, "cs_mm": 2.7, "amp_contrast": 0.1}
+    rows = {name: np.full(particles, ctf.get(name, 0.0)) for name in CTF_FIELDS}
+    rows.update(
+        ctf_scale=np.ones(particles),
+        rotation=random_rotations(particles, rng),
+        shift_px=rng.uniform(-3, 3, (particles, 2)),
+        pixel_size_A=np.ones(particles),
+    )
+    return rng.standard_normal((particles, box, box), dtype=np.float32), rows
+
+
 def timed(function, xp, repeats: int) -> float:
     """Median seconds of `function()` over `repeats` runs after one warm-up (device synchronised)."""
 
@@ -63,7 +80,7 @@ def timed(function, xp, repeats: int) -> float:
     return statistics.median(seconds)
 
 
-def measure(chunk: Chunk, model: Model, box: int, xp, repeats: int) -> dict:
+def measure(chunk: Chunk, model: Model, box: int, xp, repeats: int, whole_chunk: bool) -> dict:
     particles, modes = len(chunk.y), model.modes
     band = make_band(box, xp)
     on_device = Model(xp.asarray(model.volumes), xp.asarray(model.noise_inverse), model.eps, model.scale)
@@ -76,7 +93,13 @@ def measure(chunk: Chunk, model: Model, box: int, xp, repeats: int) -> dict:
     first = timed(lambda: estep_sums(order, shared, xp), xp, repeats)
     second = timed(lambda: estep_insert(order, shared, band, alpha, z, sums, xp), xp, repeats)
     whole = timed(lambda: em_statistics(chunk, on_device, band, xp=xp), xp, repeats)
+    rest = {}
+    if whole_chunk:
+        images, rows = stored(particles, box)
+        rest["prepare_s"] = timed(lambda: prepare_chunk(images, rows, band, box, xp), xp, repeats)
+        rest["mean_statistics_s"] = timed(lambda: mean_statistics(chunk, band, "input", xp), xp, repeats)
     return {
+        **rest,
         "sums_s": first,
         "insert_s": second,
         "em_statistics_s": whole,
@@ -114,7 +137,7 @@ def main() -> None:
         if block is not None:
             kernels.THREADS, kernels.RESIDENT_THREADS, kernels.MAX_REGISTERS = block, aim, cap
             kernels._kernel.cache_clear()
-        found = measure(chunk, model, args.box, xp, args.repeats)
+        found = measure(chunk, model, args.box, xp, args.repeats, whole_chunk=block is None)
         launch = kernels.launch_shape() if on_gpu else {}
         print(
             json.dumps(
