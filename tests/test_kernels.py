@@ -250,7 +250,8 @@ def test_the_driver_m_step_on_the_gpu_path_equals_numpy(gpu_path):
     from scipy.linalg import subspace_angles
 
     from dva.em.mstep import band_filter
-    from dva.engine.loop import RunParams, update_components
+    from dva.engine.loop import RunParams, initial_components, update_components
+    from dva.ops.filters import filter_real
 
     xp, tolerance, _ = gpu_path
     rng = np.random.default_rng(11)
@@ -273,6 +274,16 @@ def test_the_driver_m_step_on_the_gpu_path_equals_numpy(gpu_path):
     np.testing.assert_allclose(flat @ flat.T, np.eye(modes), atol=1e-10)
     reference = np.degrees(subspace_angles(old.reshape(modes, -1).T, flat.T).max())
     assert abs(angle - reference) < 1e-6
+    # The random start, made on the driver's module: the seeded noise, masked and filtered, then
+    # orthonormalised in order, which NumPy's QR does independently (Q with R's diagonal positive).
+    start = initial_components(params, xp.asarray(mask), xp.asarray(filt), 5, xp)
+    assert isinstance(start, np.ndarray)
+    noise = np.random.default_rng(5).standard_normal((modes, box, box, box))
+    filtered = np.stack([filter_real(v * mask, filt) for v in noise]).reshape(modes, -1)
+    q, r = np.linalg.qr(filtered.T)
+    np.testing.assert_allclose(
+        start.reshape(modes, -1), (q * np.sign(np.diag(r))).T, rtol=0, atol=1e-9 * np.abs(q).max()
+    )
 
 
 def _nvrtc():

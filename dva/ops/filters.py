@@ -46,8 +46,9 @@ def to_real(half, xp: ModuleType = np):
 
 def filter_real(volume, filt, xp: ModuleType = np):
     """A real volume times a real filter `(D, D, D)` in the centred Fourier layout that is even
-    (`filt(−k) = filt(k)`, as radial filters are), through `rfftn`/`irfftn` (half the work)."""
+    (`filt(−k) = filt(k)`, as radial filters are), through `rfftn`/`irfftn` (half the work). A
+    filter is a circular convolution, which commutes with circular shifts: the volume needs no
+    `ifftshift` before and `fftshift` after (each a copy of it; at box 256 a third of the time)."""
     transforms = fft(xp)
     half = transforms.ifftshift(filt)[..., : volume.shape[-1] // 2 + 1]
-    spectrum = transforms.rfftn(transforms.ifftshift(volume)) * half
-    return transforms.fftshift(transforms.irfftn(spectrum, s=volume.shape, axes=(0, 1, 2)))
+    return transforms.irfftn(transforms.rfftn(volume) * half, s=volume.shape, axes=(0, 1, 2))
