@@ -104,11 +104,12 @@ def _worker_heap(memory_limit: str | None, gpu: bool) -> dict[str, str]:
     keeping what was freed grew past 800 MB and its workers were restarted), but temporaries stay
     off mmap all the same (20k particles of box 64 under 800 MB: 3.8 s per iteration, not 7.3 s).
 
-    GPU workers' large host allocations are the store reads of streamed chunks (zarr reads a whole
-    shard, 134 MB at box 128), made in read-ahead threads, whose own malloc arenas cannot hold more
-    than 64 MB at once: each read was mmapped afresh whatever the thresholds (0.9 GB/s in a thread
-    here, 1.3 with the thresholds alone). One arena for all threads keeps them on the heap too:
-    3.2 GB/s. CPU workers keep their arenas: their streamed passes ran 15% faster with one, but
+    GPU workers' large host allocations are the store reads through zarr (of stores that
+    `dva.io.shards` cannot read straight into their buffers: compressed or remote; zarr reads a
+    whole shard, 134 MB at box 128), made in read-ahead threads, whose own malloc arenas cannot hold
+    more than 64 MB at once: each read was mmapped afresh whatever the thresholds (0.9 GB/s in a
+    thread here, 1.3 with the thresholds alone). One arena for all threads keeps them on the heap
+    too: 3.2 GB/s. CPU workers keep their arenas: their streamed passes ran 15% faster with one, but
     whole iterations were no faster (the driver's M-step beside them took twice the system time).
     """
     return {

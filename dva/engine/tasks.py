@@ -14,13 +14,13 @@ from types import ModuleType
 
 import numpy as np
 import zarr
-from zarr.core.buffer import default_buffer_prototype
 
 from dva.em.chunk import Band, Chunk, make_band, prepare_chunk
 from dva.em.estep import em_statistics
 from dva.em.mean import mean_statistics
 from dva.em.model import Model
 from dva.engine.buffers import BufferPool, view
+from dva.io.shards import read_images
 from dva.io.table import CTF_FIELDS
 
 ROW_FIELDS = ("rotation", "shift_px", "pixel_size_A", *CTF_FIELDS)
@@ -87,9 +87,7 @@ def read_chunk(source: ChunkSource) -> Read:
     pinned = source.backend == "cupy"
     buffer = _BUFFERS.take(int(np.prod(shape)) * images.dtype.itemsize, pinned)
     out = view(buffer, shape, images.dtype)
-    images.get_basic_selection(
-        slice(source.start, source.stop), out=default_buffer_prototype().nd_buffer.from_numpy_array(out)
-    )
+    read_images(images, source.store, source.start, source.stop, out)
     # The table's arrays read with zarr itself (9-10 ms per chunk here; xarray's open_zarr took
     # 12-13, 37 the first time); never as dask arrays, which would be computed through the worker's
     # client from inside this task, queued behind the tasks that wait for them.
