@@ -349,7 +349,7 @@ def test_the_cpu_kernels_run_from_a_read_only_install(tmp_path):
 @pytest.mark.parametrize(
     ("environment", "shape"),
     [
-        ({}, "256 262144 None"),
+        ({}, "256 1048576 None"),
         (
             {"DVA_CUDA_THREADS": "128", "DVA_CUDA_RESIDENT_THREADS": "65536", "DVA_CUDA_MAX_REGISTERS": "96"},
             "128 65536 96",

@@ -130,8 +130,9 @@ def main() -> None:
     # blocks of 128 threads (where it fits a fifth block per SM at K = 3)
     shapes = [(None, None, None)]
     if on_gpu and not args.no_sweep:
-        shapes += [(128, 2**18, None), (256, 2**16, None), (256, 2**20, None)]
-        shapes += [(256, 2**18, 64), (256, 2**18, 80), (256, 2**18, 96), (128, 2**18, 96)]
+        aim = kernels.RESIDENT_THREADS
+        shapes += [(128, aim, None), (256, aim // 4, None), (256, aim * 4, None)]
+        shapes += [(256, aim, 64), (256, aim, 80), (256, aim, 96), (128, aim, 96)]
     chunk, model = synthetic(args.particles, args.box, args.modes, xp)
     for block, aim, cap in shapes:
         if block is not None:
