@@ -243,6 +243,23 @@ def test_the_gpu_code_path_equals_the_numpy_path(gpu_path):
     close(got, mean_statistics(chunk, band, "input"), ("num", "den"))
 
 
+def test_the_drivers_mean_solve_on_the_gpu_path_equals_numpys(gpu_path):
+    """`solve_mean` (plane completion, shell means, transform, gridding correction) on the driver's
+    GPU module, as the run and the display's subsets use it, against NumPy, from random sums."""
+    from dva.em.mean import solve_mean
+    from dva.ops.slice import half_rows
+    from tests.conftest import to_host
+
+    xp, tolerance, _ = gpu_path
+    rng = np.random.default_rng(12)
+    box = 16
+    num, den = rng.normal(size=(2, half_rows(box))), rng.uniform(0.5, 2.0, half_rows(box))
+    want = solve_mean(num, den, box)
+    got = solve_mean(xp.asarray(num), xp.asarray(den), box, xp)
+    assert not isinstance(got, np.ndarray) and want.dtype == np.float32
+    np.testing.assert_allclose(to_host(got), want, rtol=0, atol=max(tolerance, 1e-6) * np.abs(want).max())
+
+
 def test_the_driver_m_step_on_the_gpu_path_equals_numpy(gpu_path):
     """`update_components` (per-voxel solves, mask, filter, Gram–Schmidt, subspace angle) on the
     driver's GPU module against NumPy, from random statistics that make definite systems; and,

@@ -138,6 +138,14 @@ def driver_module(cluster: Cluster) -> ModuleType:
     return xp
 
 
+def release_driver(driver: ModuleType) -> None:
+    """Give back what the driver's GPU module keeps cached of its memory (the run is over). Raises
+    nothing: after a CUDA error the run's own error is the one to tell."""
+    if driver is not np:
+        with contextlib.suppress(Exception):
+            driver.get_default_memory_pool().free_all_blocks()
+
+
 def initial_components(params: RunParams, mask, filt, seed, xp: ModuleType = np) -> np.ndarray:
     """Seeded random components `(K, D, D, D)` (NumPy), masked, filtered and orthonormalised on `xp`
     (the driver's GPU where it has one: at box 256, K = 10 that took 11-20 s on one core here);
@@ -260,10 +268,11 @@ def run_3dva(
         metrics: list[dict] = []
         if saved is None:
             mean_stats = placement.map(client, mean_partial, box, params.scale, backend)
-            mean = solve_mean(mean_stats["num"][0], mean_stats["den"][0], box)
+            mean = solve_mean(driver.asarray(mean_stats["num"][0]), driver.asarray(mean_stats["den"][0]), box, driver)
             # Data sign (DESIGN.md §1): protein density is positive; a low-passed mean that is negative
             # inside the mask means the stored images are black on white, so they are used negated.
-            data_sign = 1.0 if float((filter_real(mean, filt) * mask).sum()) >= 0 else -1.0
+            inside = float((filter_real(mean, filt_on_driver, driver) * mask_on_driver).sum())
+            mean, data_sign = to_numpy(mean), 1.0 if inside >= 0 else -1.0
             comps = initial_components(params, mask_on_driver, filt_on_driver, params.seed, driver)
             state = State(mean * data_sign, comps, noise_from_power(mean_stats, params.noise == "white"), None)
             start = 0
@@ -377,9 +386,7 @@ def run_3dva(
     finally:
         # what the workers kept for the run goes even when it failed (or was interrupted)
         placement.release(client)
-        if driver is not np:
-            with contextlib.suppress(Exception):  # (after a CUDA error, the run's own error is the one to tell)
-                driver.get_default_memory_pool().free_all_blocks()  # the M-step's cached memory: the run is over
+        release_driver(driver)
     timings["total_s"] = time.perf_counter() - t0
     return Result(
         mean=mean,
