@@ -90,3 +90,11 @@ def test_a_damaged_shard_is_named(tmp_path, damage):
     match = "index is damaged" if damage == "index" else "ends early"
     with pytest.raises(DvaInputError, match=f"{shard}: .*{match}"):
         _read(images, tmp_path / "s.zarr", 250, 450)
+
+
+def test_reads_go_only_into_a_buffer_of_the_range_exact_shape(tmp_path):
+    """A strided or mistyped destination would take a copy of the bytes, and the read would be lost."""
+    images = _images(tmp_path / "s.zarr", compressors=None)
+    for out in (np.empty((20, 8, 16), np.float32)[..., ::2], np.empty((20, 8, 8)), np.empty((21, 8, 8), np.float32)):
+        with pytest.raises(ValueError, match="C-contiguous float32"):
+            read_images(images, str(tmp_path / "s.zarr"), 100, 120, out)

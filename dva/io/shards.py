@@ -127,6 +127,8 @@ def read_images(images: zarr.Array, store: str, start: int, stop: int, out: np.n
     """Particles `start:stop` of `images` (the `images` array of `store`) into `out`, C-contiguous
     float32 `(stop − start, D, D)`: from the shard files directly where `shard_files` allows, else
     through zarr."""
+    if out.dtype != np.float32 or not out.flags.c_contiguous or out.shape != (stop - start, *images.shape[1:]):
+        raise ValueError(f"read_images: out must be C-contiguous float32 {(stop - start, *images.shape[1:])}")
     files = shard_files(images, store)
     if files is not None:
         files.read(start, stop, out)
