@@ -303,7 +303,8 @@ def place_chunks(
             f"path (a shared filesystem or an object-store URL)"
         )
     addresses = sorted(client.ncores())  # asks the scheduler now (scheduler_info() may be stale)
-    measured = client.run(_memory_budget, backend) if None in (resident_bytes, host_bytes) else {}
+    # Also when both budgets are given: each worker forgets what an earlier run left (`forget_run`).
+    measured = client.run(_memory_budget, backend)
     budgets = {}  # per worker: bytes to keep where its tasks run, and in host memory besides
     for w in addresses:
         device, host = measured.get(w, (None, 0))

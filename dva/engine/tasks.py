@@ -20,6 +20,7 @@ from dva.em.estep import em_statistics
 from dva.em.mean import mean_statistics
 from dva.em.model import Model
 from dva.engine.buffers import BufferPool, view
+from dva.io.rows import forget_rows, read_rows
 from dva.io.shards import read_images
 from dva.io.table import CTF_FIELDS
 
@@ -88,11 +89,9 @@ def read_chunk(source: ChunkSource) -> Read:
     buffer = _BUFFERS.take(int(np.prod(shape)) * images.dtype.itemsize, pinned)
     out = view(buffer, shape, images.dtype)
     read_images(images, source.store, source.start, source.stop, out)
-    # The table's arrays read with zarr itself (9-10 ms per chunk here; xarray's open_zarr took
-    # 12-13, 37 the first time); never as dask arrays, which would be computed through the worker's
-    # client from inside this task, queued behind the tasks that wait for them.
-    table = root["particles"]
-    rows = {name: table[name][source.start : source.stop] for name in ROW_FIELDS}
+    # The table read with zarr itself, never as dask arrays, which would be computed through the
+    # worker's client from inside this task, queued behind the tasks that wait for them.
+    rows = read_rows(root, source.store, ROW_FIELDS, source.start, source.stop)
     return Read(out, buffer, rows, int(root.attrs["original_box"]))
 
 
@@ -170,10 +169,12 @@ def free_buffers() -> None:
 
 
 def forget_run(backend: str) -> None:
-    """Free what this worker kept for reading a run's chunks (its read ahead and its buffers) and,
-    on GPU workers, what CuPy keeps cached of the device and page-locked memory freed meanwhile."""
+    """Free what this worker kept for reading a run's chunks (its read ahead, its buffers, the table
+    chunks it decoded) and, on GPU workers, what CuPy keeps cached of the device and page-locked
+    memory freed meanwhile."""
     drop_read_ahead()
     free_buffers()
+    forget_rows()
     if backend == "cupy":
         free_pools()
 
