@@ -127,13 +127,17 @@ def _channel_signs(modes: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("modes", [1, 3])
-@pytest.mark.parametrize("kernel", ["cpu", "cuda on the stand-in"])
+@pytest.mark.parametrize("kernel", ["cpu", "cuda on the stand-in", "cuda, one thread per particle"])
 def test_estep_passes_equal_direct_sums(request, kernel, modes):
     """The fused E-step passes of both backends (numba; CUDA through the stand-in, several threads
-    per particle), on the half spectra, against every slice, sum and insertion written out in
-    complex128 on the full grid: components over part of the band, the data sign flipped,
-    particles in the view order; the half sums, added to what the accumulator held and completed
-    (`complete_plane`), equal the full grid's on that half."""
+    per particle, or one where `SUMS_BYTES` leaves no room for more), on the half spectra, against
+    every slice, sum and insertion written out in complex128 on the full grid: components over part
+    of the band, the data sign flipped, particles in the view order; the half sums, added to what
+    the accumulator held and completed (`complete_plane`), equal the full grid's on that half."""
+    if kernel == "cuda, one thread per particle":
+        from dva.ops import kernels
+
+        request.getfixturevalue("monkeypatch").setattr(kernels, "SUMS_BYTES", 1)
     from dva.em.chunk import make_band
     from dva.em.estep import _kernel_arguments, estep_insert, estep_sums
     from dva.em.model import Model

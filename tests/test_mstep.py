@@ -8,7 +8,7 @@ import pytest
 from dva.em.chunk import inside_band_half
 from dva.em.estep import pair_index
 from dva.em.finish import subspace_angle_deg
-from dva.em.mstep import solve_components, solve_spd
+from dva.em.mstep import gram_schmidt, solve_components, solve_spd
 from dva.ops.filters import filter_real, half_spectrum, radius_3d, to_real
 from dva.ops.slice import complete_plane, completed_rows, gridding_correction, half_rows
 from tests.conftest import half_of, to_host, unfold
@@ -78,6 +78,40 @@ def test_half_spectrum_transforms_equal_the_full_ones(xp):
     np.testing.assert_allclose(to_host(to_real(xp.asarray(half), xp)), vol, atol=1e-12)
     filtered = to_host(filter_real(xp.asarray(vol), xp.asarray(filt), xp))
     np.testing.assert_allclose(filtered, _full_inverse(spectrum * filt), atol=1e-12)
+
+
+@pytest.mark.parametrize("epsilon", [1.0, 1e-4, 1e-9])
+def test_gram_schmidt_is_q_of_the_qr_also_for_nearly_dependent_volumes(xp, epsilon):
+    """Against NumPy's Householder QR (R's diagonal positive); the fourth volume is the third plus
+    ε·noise (condition numbers from ~1 to ~1e9: past ~1e7 the Cholesky route is not orthonormal)."""
+    rng = np.random.default_rng(9)
+    volumes = rng.normal(size=(5, 12, 12, 12))
+    volumes[3] = volumes[2] + epsilon * rng.normal(size=volumes[2].shape)
+    got = to_host(gram_schmidt(xp.asarray(volumes), xp)).reshape(5, -1)
+    np.testing.assert_allclose(got @ got.T, np.eye(5), atol=1e-12)
+    q, r = np.linalg.qr(volumes.reshape(5, -1).T)
+    np.testing.assert_allclose(got, (q * np.sign(np.diag(r))).T, atol=1e-6 if epsilon < 1e-6 else 1e-10)
+
+
+def test_gram_schmidt_does_not_trust_a_cholesky_that_fails_quietly():
+    """CuPy's Cholesky gives NaN where NumPy's raises (cuSOLVER's flag unchecked by default): the
+    result is checked, and QR taken instead. NumPy with such a Cholesky stands in for CuPy."""
+    from types import SimpleNamespace
+
+    def cholesky(a):
+        try:
+            return np.linalg.cholesky(a)
+        except np.linalg.LinAlgError:
+            return np.full_like(a, np.nan)
+
+    linalg = SimpleNamespace(cholesky=cholesky, inv=np.linalg.inv, qr=np.linalg.qr)
+    quiet = SimpleNamespace(
+        **{n: getattr(np, n) for n in ("float64", "all", "abs", "eye", "where", "diag")}, linalg=linalg
+    )
+    rng = np.random.default_rng(9)
+    volumes = rng.normal(size=(5, 12, 12, 12))
+    volumes[3] = volumes[2] + 1e-9 * rng.normal(size=volumes[2].shape)
+    np.testing.assert_allclose(gram_schmidt(volumes, quiet), gram_schmidt(volumes), rtol=0, atol=1e-12)
 
 
 def test_solve_components_equals_a_per_voxel_solve():

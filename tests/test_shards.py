@@ -32,7 +32,7 @@ def _ranges(n: int) -> list[tuple[int, int]]:
 
 
 def _read(images, store, a, b):
-    out = np.full((b - a, *images.shape[1:]), np.nan, np.float32)
+    out = np.full((b - a, *images.shape[1:]), np.nan, images.dtype)
     read_images(images, str(store), a, b, out)
     return out
 
@@ -53,13 +53,18 @@ def test_dva_stores_are_read_directly(tmp_path):
     np.testing.assert_array_equal(_read(images, store, 50, 260), images[50:260])
 
 
-@pytest.mark.parametrize("kind", ["compressed", "unsharded", "url"])
+@pytest.mark.parametrize("kind", ["compressed", "unsharded", "url", "float64", "flat"])
 def test_other_stores_are_read_by_zarr(tmp_path, kind):
     path = tmp_path / "s.zarr"
-    if kind == "unsharded":
+    if kind in ("unsharded", "float64", "flat"):
+        shape = (500, 64) if kind == "flat" else (500, 8, 8)
+        shards = None if kind == "unsharded" else (300, *shape[1:])
+        dtype = "float64" if kind == "float64" else "float32"
         root = zarr.open_group(path, mode="w", zarr_format=3)
-        images = root.create_array("images", shape=(500, 8, 8), chunks=(100, 8, 8), dtype="float32", compressors=None)
-        images[:] = np.random.default_rng(0).normal(size=(500, 8, 8)).astype(np.float32)
+        images = root.create_array(
+            "images", shape=shape, chunks=(100, *shape[1:]), shards=shards, dtype=dtype, compressors=None
+        )
+        images[:] = np.random.default_rng(0).normal(size=shape)
     else:
         images = _images(path, compressors="auto" if kind == "compressed" else None)
     store = path.as_uri() if kind == "url" else str(path)
@@ -96,5 +101,5 @@ def test_reads_go_only_into_a_buffer_of_the_range_exact_shape(tmp_path):
     """A strided or mistyped destination would take a copy of the bytes, and the read would be lost."""
     images = _images(tmp_path / "s.zarr", compressors=None)
     for out in (np.empty((20, 8, 16), np.float32)[..., ::2], np.empty((20, 8, 8)), np.empty((21, 8, 8), np.float32)):
-        with pytest.raises(ValueError, match="C-contiguous float32"):
+        with pytest.raises(ValueError, match="C-contiguous float32 \\(20, 8, 8\\)"):
             read_images(images, str(tmp_path / "s.zarr"), 100, 120, out)

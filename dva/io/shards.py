@@ -94,7 +94,7 @@ def shard_files(images: zarr.Array, store: str) -> ShardFiles | None:
     """The layout of `images` (the `images` array of `store`, a path or URL) when its shards can be
     read directly: a local path, float32 images sharded along the particles, uncompressed inner
     chunks of whole images, the index at the end; else None."""
-    if "://" in store or not images.shards:
+    if "://" in store or not images.shards or images.ndim != 3:
         return None
     meta = json.loads(json.dumps(images.metadata.to_dict()))  # tuples as lists
     shard, box = images.shards[0], images.shape[1:]
@@ -125,10 +125,10 @@ def shard_files(images: zarr.Array, store: str) -> ShardFiles | None:
 
 def read_images(images: zarr.Array, store: str, start: int, stop: int, out: np.ndarray) -> None:
     """Particles `start:stop` of `images` (the `images` array of `store`) into `out`, C-contiguous
-    float32 `(stop − start, D, D)`: from the shard files directly where `shard_files` allows, else
+    `(stop − start, D, D)` of the images' dtype: from the shard files directly where `shard_files` allows, else
     through zarr."""
-    if out.dtype != np.float32 or not out.flags.c_contiguous or out.shape != (stop - start, *images.shape[1:]):
-        raise ValueError(f"read_images: out must be C-contiguous float32 {(stop - start, *images.shape[1:])}")
+    if out.dtype != images.dtype or not out.flags.c_contiguous or out.shape != (stop - start, *images.shape[1:]):
+        raise ValueError(f"read_images: out must be C-contiguous {images.dtype} {(stop - start, *images.shape[1:])}")
     files = shard_files(images, store)
     if files is not None:
         files.read(start, stop, out)

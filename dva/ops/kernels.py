@@ -364,6 +364,12 @@ def insert_cuda(values, index, weights, out) -> None:
     _launch("insert_float64", values, index, weights, out, values.shape[1])
 
 
+# The most bytes of the sums pass's per-thread partial sums (float64): at K = 3 its 2^20 threads
+# write 176 MB, at K = 10 they would write 1.1 GB (and 3.9 GB at K = 20), outside the memory
+# budget of the chunks a worker keeps.
+SUMS_BYTES = 512 * 2**20
+
+
 def segments(particles: int, pixels: int) -> int:
     """Threads per particle in an E-step pass: enough for `RESIDENT_THREADS` in all, each with at
     least 16 of the particle's pixels."""
@@ -393,8 +399,10 @@ def estep_sums_cuda(order, *arguments):
 
     n, pixels = arguments[1].shape
     width = arguments[3].shape[1] // 2
-    parts = segments(len(order), pixels)
-    out = cupy.zeros((n, parts, width * width + width + 1))
+    columns = width * width + width + 1
+    # fewer threads per particle where their sums would pass SUMS_BYTES (K = 10: 133 columns)
+    parts = min(segments(len(order), pixels), max(1, SUMS_BYTES // (8 * columns * max(n, 1))))
+    out = cupy.zeros((n, parts, columns))
     tail = (out, cupy.int64(len(order)), cupy.int32(pixels), cupy.int32(parts))
     _run("estep_sums", len(order) * parts, order, *_device_scalars(arguments), *tail, modes=width - 1)
     return out
