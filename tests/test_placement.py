@@ -457,6 +457,44 @@ def test_reads_reuse_a_buffer_and_each_chunk_keeps_its_own_data(store, xp):
     tasks.forget_run(backend)
 
 
+_STARTS: list[int] = []  # a worker's record of the tasks it ran, in order
+
+
+def _record(source) -> dict:
+    """A pass's task that only notes which particles it was given."""
+    _STARTS.append(source.start)
+    return {}
+
+
+def _recorded() -> tuple[list[int], int]:
+    """This worker's record (emptied) and how many of its reads ahead no task has taken."""
+    from dva.engine import tasks
+
+    starts = list(_STARTS)
+    _STARTS.clear()
+    return starts, len(tasks._AHEAD)
+
+
+def test_workers_run_their_tasks_in_the_placements_order(store, cluster):
+    """Which their reads ahead follow: each task is submitted with its place in the order as its
+    priority (tasks submitted at once share the scheduler's, and a worker ran them in the order of
+    their keys; its reads ahead of the next chunks were then not taken, and read again)."""
+    from distributed import Future, wait
+
+    from dva.engine.placement import place_chunks
+
+    client = cluster.client
+    kept = place_chunks(client, str(store[0]), 600, 50, 32, "numpy")  # every chunk loaded and kept
+    wait([s for s in kept.sources if isinstance(s, Future)])
+    assert all(pending == 0 for _, pending in client.run(_recorded).values())  # each read ahead taken
+    kept.release(client)
+    streamed = place_chunks(client, str(store[0]), 600, 50, 32, "numpy", resident_bytes=0, host_bytes=0)
+    wait(streamed.submit(client, _record))
+    for worker, (starts, _) in client.run(_recorded).items():
+        assert starts == [a for (a, _), w in zip(streamed.ranges, streamed.workers, strict=True) if w == worker]
+    streamed.release(client)
+
+
 def _free_buffers() -> int:
     from dva.engine import tasks
 

@@ -145,6 +145,7 @@ class Placement:
                 pure=False,
                 workers=[worker],
                 allow_other_workers=True,
+                priority=-i,  # see `_load`
             )
             for i, (source, worker) in enumerate(zip(self.sources, self.workers, strict=True))
         ]
@@ -194,7 +195,7 @@ class Placement:
         for j, i in enumerate(gone):
             self.workers[i] = live[j % len(live)]
             if isinstance(self.sources[i], Future):
-                self.sources[i] = _load(client, self.chunks[i], self.workers[i], self.on_host[i])
+                self.sources[i] = _load(client, self.chunks[i], self.workers[i], self.on_host[i], i)
         client.cancel(stale)
         self.link()
 
@@ -329,7 +330,7 @@ def place_chunks(
     # Each worker loads the chunks it keeps in order, reading the next ones ahead meanwhile.
     loads = following(ranges, workers, kept, cyclic=False)
     sources: list[Future | ChunkSource] = [
-        _load(client, replace(source, following=loads[i]), workers[i], on_host[i]) if kept[i] else source
+        _load(client, replace(source, following=loads[i]), workers[i], on_host[i], i) if kept[i] else source
         for i, source in enumerate(chunks)
     ]
     placement = Placement(ranges, chunks, sources, workers, on_host)
@@ -359,8 +360,16 @@ def _scatter(client: Client, shared: object) -> Future:
         raise CommClosedError(str(error)) from error
 
 
-def _load(client: Client, source: ChunkSource, worker: str, on_host: bool) -> Future:
-    """Read and prepare a chunk on `worker`, to keep there (`on_host`: in a GPU worker's host memory)."""
+def _load(client: Client, source: ChunkSource, worker: str, on_host: bool, order: int) -> Future:
+    """Read and prepare a chunk on `worker`, to keep there (`on_host`: in a GPU worker's host memory),
+    as the worker's `order`-th task. A worker runs its tasks in that order, which its reads ahead
+    follow (`following`): tasks submitted at once share the scheduler's priority (a "generation"
+    per 100 ms), and a worker ran them in an order of their keys, reading ahead the wrong chunks."""
     return client.submit(
-        load_host_chunk if on_host else load_chunk, source, pure=False, workers=[worker], allow_other_workers=True
+        load_host_chunk if on_host else load_chunk,
+        source,
+        pure=False,
+        workers=[worker],
+        allow_other_workers=True,
+        priority=-order,
     )
