@@ -99,7 +99,7 @@ def gpu_cluster(request):
     else:
         request.getfixturevalue("numpy_as_cupy")
         local = LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0")
-        cluster, tolerance = Cluster(client=Client(local), backend="cupy", local=local), 1e-6
+        cluster, tolerance = Cluster(client=Client(local), backend="cupy", local=local, driver_gpu=0), 1e-6
     yield cluster, tolerance
     cluster.close()
 
@@ -129,6 +129,7 @@ def test_the_job_on_the_gpu_backend_equals_the_numpy_job(store, cluster, gpu_clu
         assert on_device > 0 and on_host > 0
     if tolerance < 1e-4:  # the stand-in: two workers, each 4 tasks of 75 particles (2 on the device, 1 on the host)
         assert (got.resident_particles, got.host_particles) == (450, 150)
+        assert device._Device.used[-1] == 0  # the driver's work on its "GPU" too
         assert set(device._RawKernelOnCpu.launched) == {"slice_stencil", "insert_float64", "estep_sums", "estep_insert"}
         # The workers freed CuPy's pools at the end once they had let go of the kept chunks (1.35 MB
         # on the device; the last model, 0.4 MB, may still be there), not as soon as the cancel returned.
