@@ -4,8 +4,8 @@
 # kept in host memory and copied over every pass, streamed from the store; box 256 K=10 50k
 # particles). `tuned` runs the resident benchmark again with the launch shape the kernels stage
 # found fastest (`tuned_launch.py`; skipped when that is dva's own). Stages run in the order named:
-#   bash tests/benchmarks/gpu.sh [tests] [kernels] [resident] [tuned] [onhost] [streamed] [box256] [bigtasks]
-# Their timeouts add up to 150 + 150 + 180 + 90 + 90 + 90 + 240 + 150 s; the stages should take about half that
+#   bash tests/benchmarks/gpu.sh [tests] [kernels] [resident] [reads] [tuned] [onhost] [streamed] [box256] [bigtasks]
+# Their timeouts add up to 150 + 150 + 180 + 90 + 90 + 90 + 90 + 240 + 150 s; the stages should take about half that
 # (the timeouts cap a stage that hangs or crawls). Seen on the H100 on 2026-11-27 (before dva read its
 # shards directly): tests 84 s with the wheels' install, kernels 31, resident 91 (32 of them making
 # the dataset), tuned 33, onhost 44, streamed over 75 (12 s an iteration); box256's dataset took 78 s
@@ -34,7 +34,7 @@ OUT="${OUT:-/tmp/dva-gpu}"
 mkdir -p "$OUT"
 nvidia-smi -L
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests kernels resident tuned onhost streamed box256 bigtasks)
+[ ${#stages[@]} -eq 0 ] && stages=(tests kernels resident reads tuned onhost streamed box256 bigtasks)
 # stdout: one JSON line per run; stderr (also in bench.log): each iteration's time as it ends, so a
 # stage cut by its timeout still shows how far it got and how fast
 bench() { timeout "$1" python3 -m dva bench --json "${@:2}" 2> >(tee -a "$OUT/bench.log" >&2) | tee -a "$OUT/bench.jsonl"; }
@@ -55,6 +55,11 @@ for stage in "${stages[@]}"; do
         # The 100k-particle dataset is simulated (one thread per core: ~0.65 s per 1,024 images of
         # box 128 on one core here) and imported once, into /tmp/b128, for the three runs.
         resident) bench 180 --particles 100000 --box 128 --modes 3 --iterations 20 --gpus 0 --data /tmp/b128 ;;
+        # The resident run's store read as workers read it (their malloc settings, into page-locked
+        # buffers): dva's reads of its shards against zarr's, in 1 and 3 threads.
+        reads)
+            heap=$(python3 -c "from dva.engine.cluster import _worker_heap as h; print(' '.join(f'{k}={v}' for k, v in h(None, True).items()))")
+            env $heap timeout 90 python3 tests/benchmarks/reads.py /tmp/b128/s.zarr --backend cupy | tee -a "$OUT/reads.jsonl" ;;
         # The same with the sweep's fastest K=3 shape, 5 iterations (a subshell: later stages keep
         # dva's own). 20 iterations' run_s ~ this run_s + 15 x its median iteration.
         tuned)
@@ -74,6 +79,6 @@ for stage in "${stages[@]}"; do
         # The resident run with tasks of 8,192 particles (shards of 512 MB) instead of 2,048: fewer
         # tasks, each with more work per launch (its own dataset: ~30 s to make).
         bigtasks) bench 150 --particles 100000 --box 128 --modes 3 --iterations 5 --gpus 0 --chunk-size 8192 --data /tmp/b128big ;;
-        *) echo "unknown stage $stage (tests, kernels, resident, tuned, onhost, streamed, box256, bigtasks)"; exit 2 ;;
+        *) echo "unknown stage $stage (tests, kernels, resident, reads, tuned, onhost, streamed, box256, bigtasks)"; exit 2 ;;
     esac
 done
