@@ -361,10 +361,12 @@ def _scatter(client: Client, shared: object) -> Future:
 
 
 def _load(client: Client, source: ChunkSource, worker: str, on_host: bool, order: int) -> Future:
-    """Read and prepare a chunk on `worker`, to keep there (`on_host`: in a GPU worker's host memory),
-    as the worker's `order`-th task. A worker runs its tasks in that order, which its reads ahead
-    follow (`following`): tasks submitted at once share the scheduler's priority (a "generation"
-    per 100 ms), and a worker ran them in an order of their keys, reading ahead the wrong chunks."""
+    """Read and prepare a chunk on `worker`, to keep there (`on_host`: in a GPU worker's host memory);
+    `order`, its task's place among all the tasks, is its priority (higher first): a worker runs its
+    tasks in their order, which its reads ahead follow (`following`). Tasks submitted at once share
+    the scheduler's priority (a "generation" per 100 ms), and a worker ran them in an order of their
+    keys, reading ahead the wrong chunks. A pass's tasks take the same priorities, so a worker runs
+    task i of the first pass as soon as chunk i is loaded."""
     return client.submit(
         load_host_chunk if on_host else load_chunk,
         source,
