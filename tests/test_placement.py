@@ -427,6 +427,33 @@ def test_several_chunks_are_read_ahead_each_once_a_pass(store, monkeypatch):
         np.testing.assert_array_equal(chunk.y, direct.y)
 
 
+def test_a_read_ahead_that_no_task_takes_gives_its_buffer_back(store, monkeypatch):
+    """When a worker's order changes (a worker lost, its tasks dealt again) the next task wants other
+    chunks ahead: one already read is dropped, and its buffer serves the next reads."""
+    from dva.engine import tasks
+    from dva.engine.buffers import BufferPool
+
+    made = []
+
+    class Counted(BufferPool):
+        def take(self, nbytes, pinned):
+            buffer = super().take(nbytes, pinned)
+            made.append(id(buffer))
+            return buffer
+
+    monkeypatch.setattr(tasks, "_BUFFERS", Counted(keep=4))
+    tasks.drop_read_ahead()
+    path = str(store[0])
+    for start, ahead in ((0, 100), (300, 400)):  # 100:200 read ahead, then not wanted: 400:500 instead
+        read = tasks.read_ahead(
+            tasks.ChunkSource(path, start, start + 100, 32, "numpy", following=((ahead, ahead + 100),))
+        )
+        tasks._BUFFERS.give(read.buffer, False)
+        next(iter(tasks._AHEAD.values())).result()
+    assert len(made) == 4 and len(set(made)) == 2  # 4 reads into the same 2 buffers
+    tasks.drop_read_ahead()
+
+
 def test_reads_reuse_a_buffer_and_each_chunk_keeps_its_own_data(store, xp):
     """A read's buffer (page-locked for GPU workers) is given back once its chunk is prepared, and
     the next read fills it again; chunks prepared from it in turn each equal their images read

@@ -148,11 +148,23 @@ def read_ahead(source: ChunkSource) -> Read:
     with _AHEAD_LOCK:
         pending = _AHEAD.pop(plain, None)
         for stale in [s for s in _AHEAD if s not in wanted]:
-            _AHEAD.pop(stale).cancel()
+            _drop(_AHEAD.pop(stale), stale.backend == "cupy")
         for following in wanted:  # (`source` itself too when it is the worker's only streamed chunk: for the next pass)
             if following not in _AHEAD:
                 _AHEAD[following] = _READER.submit(read_chunk, following)
     return pending.result() if pending is not None else read_chunk(plain)
+
+
+def _drop(pending: Future, pinned: bool) -> None:
+    """A read ahead that no task will take (the worker's order changed: a worker was lost): cancelled
+    if it has not started, else its buffer given back to the pool once it is read."""
+
+    def give_back(done: Future) -> None:
+        if not done.cancelled() and done.exception() is None:
+            _BUFFERS.give(done.result().buffer, pinned)
+
+    if not pending.cancel():
+        pending.add_done_callback(give_back)
 
 
 def drop_read_ahead() -> None:
