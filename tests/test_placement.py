@@ -620,7 +620,7 @@ def test_failed_subset_reconstructions_let_go_of_the_chunks_they_kept(store, clu
     def fail(*args):
         raise RuntimeError("stopped")
 
-    monkeypatch.setattr(reconstruct, "solve_mean", fail)
+    monkeypatch.setattr(reconstruct, "mean_volume", fail)
     with pytest.raises(RuntimeError, match="stopped"):
         reconstruct.reconstruct_subsets(store[0], np.ones((600, 2)), 32, "input", 1.0, cluster)
     assert sum(cluster.client.run(_chunks_held).values()) == 0

@@ -146,6 +146,12 @@ def release_driver(driver: ModuleType) -> None:
             driver.get_default_memory_pool().free_all_blocks()
 
 
+def mean_volume(stats: dict, group: int, box: int, xp: ModuleType = np) -> np.ndarray:
+    """Group `group`'s volume `(D, D, D)` float32 (NumPy) from a mean pass's summed `num` and `den`,
+    solved on `xp` (the driver's module: its GPU where it has one; box 256: ~1 s on a core)."""
+    return to_numpy(solve_mean(xp.asarray(stats["num"][group]), xp.asarray(stats["den"][group]), box, xp))
+
+
 def initial_components(params: RunParams, mask, filt, seed, xp: ModuleType = np) -> np.ndarray:
     """Seeded random components `(K, D, D, D)` (NumPy), masked, filtered and orthonormalised on `xp`
     (the driver's GPU where it has one: at box 256, K = 10 that took 11-20 s on one core here);
@@ -268,11 +274,11 @@ def run_3dva(
         metrics: list[dict] = []
         if saved is None:
             mean_stats = placement.map(client, mean_partial, box, params.scale, backend)
-            mean = solve_mean(driver.asarray(mean_stats["num"][0]), driver.asarray(mean_stats["den"][0]), box, driver)
+            mean = mean_volume(mean_stats, 0, box, driver)
             # Data sign (DESIGN.md §1): protein density is positive; a low-passed mean that is negative
             # inside the mask means the stored images are black on white, so they are used negated.
-            inside = float((filter_real(mean, filt_on_driver, driver) * mask_on_driver).sum())
-            mean, data_sign = to_numpy(mean), 1.0 if inside >= 0 else -1.0
+            inside = float((filter_real(driver.asarray(mean), filt_on_driver, driver) * mask_on_driver).sum())
+            data_sign = 1.0 if inside >= 0 else -1.0
             comps = initial_components(params, mask_on_driver, filt_on_driver, params.seed, driver)
             state = State(mean * data_sign, comps, noise_from_power(mean_stats, params.noise == "white"), None)
             start = 0

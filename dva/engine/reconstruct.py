@@ -10,11 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dva.em.mean import solve_mean
 from dva.engine.cluster import Cluster
-from dva.engine.loop import driver_module, release_driver
+from dva.engine.loop import driver_module, mean_volume, release_driver
 from dva.engine.placement import place_chunks
-from dva.engine.tasks import mean_partial, to_numpy
+from dva.engine.tasks import mean_partial
 from dva.io.store import open_store, store_location, task_limits
 
 MAX_GROUPS = 32  # subsets per pass (each task holds 3·G volumes of float64)
@@ -28,7 +27,7 @@ def reconstruct_subsets(
     store = store_location(store)
     images, _, _ = open_store(store)
     client, backend = cluster.client, cluster.backend
-    driver = driver_module(cluster)  # its GPU solves the volumes where it has one (box 256: ~1 s each on a core)
+    driver = driver_module(cluster)  # its GPU solves the volumes where it has one
     chunk, aligned = task_limits(images)
     placement = place_chunks(client, store, len(weights), chunk, box, backend, aligned=aligned)
     volumes = []
@@ -37,11 +36,7 @@ def reconstruct_subsets(
             part = np.ascontiguousarray(weights[:, lo : lo + MAX_GROUPS], dtype=np.float64)
             per_task = [part[a:b] for a, b in placement.ranges]
             stats = placement.map(client, mean_partial, box, scale, backend, per_task=per_task)
-            volumes += [
-                to_numpy(solve_mean(driver.asarray(stats["num"][g]), driver.asarray(stats["den"][g]), box, driver))
-                * data_sign
-                for g in range(part.shape[1])
-            ]
+            volumes += [mean_volume(stats, g, box, driver) * data_sign for g in range(part.shape[1])]
     finally:
         placement.release(client)
         release_driver(driver)

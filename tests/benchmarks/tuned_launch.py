@@ -1,5 +1,5 @@
 """The fastest launch shape in the lines of `tests/benchmarks/kernels.py` (run on a GPU) for one
-box and K, as the shell lines that make dva use it (`export DVA_CUDA_...`, read by
+box, K and chunk size, as the shell lines that make dva use it (`export DVA_CUDA_...`, read by
 `dva.ops.kernels`); nothing when dva's own shape is within `--margin` of the fastest (noise is no
 reason to change). Of several sweeps in the file, the last one counts.
 
@@ -19,12 +19,17 @@ def main() -> None:
     parser.add_argument("lines", type=Path, help="kernels.py's JSON lines")
     parser.add_argument("--box", type=int, default=128)
     parser.add_argument("--modes", type=int, default=3)
+    parser.add_argument("--particles", type=int, default=8192, help="the sweep's chunk (other lines time other sizes)")
     parser.add_argument("--margin", type=float, default=0.03, help="fraction faster than dva's own shape to count")
     args = parser.parse_args()
     if not args.lines.exists():
         sys.exit(f"{args.lines}: no such file (the kernels stage did not run)")
     runs = [json.loads(line) for line in args.lines.read_text().splitlines() if line.startswith("{")]
-    runs = [r for r in runs if r["backend"] == "cupy" and (r["box"], r["modes"]) == (args.box, args.modes)]
+    runs = [
+        r
+        for r in runs
+        if r["backend"] == "cupy" and (r["box"], r["modes"], r["particles"]) == (args.box, args.modes, args.particles)
+    ]
     starts = [i for i, r in enumerate(runs) if r["dva_default"]]  # each sweep measures dva's own shape first
     if not starts:
         return
