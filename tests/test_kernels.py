@@ -250,14 +250,15 @@ def test_the_gpu_code_path_equals_the_numpy_path(gpu_path):
 def test_the_drivers_mean_solve_on_the_gpu_path_equals_numpys(gpu_path):
     """`solve_mean` (plane completion, shell means, transform, gridding correction) on the driver's
     GPU module, as the run and the display's subsets use it, against NumPy, from random sums."""
+    from dva.em.chunk import band_rows
     from dva.em.mean import solve_mean
-    from dva.ops.slice import half_rows
     from tests.conftest import to_host
 
     xp, tolerance, _ = gpu_path
     rng = np.random.default_rng(12)
     box = 16
-    num, den = rng.normal(size=(2, half_rows(box))), rng.uniform(0.5, 2.0, half_rows(box))
+    rows = len(band_rows(box))
+    num, den = rng.normal(size=(2, rows)), rng.uniform(0.5, 2.0, rows)
     want = solve_mean(num, den, box)
     got = solve_mean(xp.asarray(num), xp.asarray(den), box, xp)
     assert not isinstance(got, np.ndarray) and want.dtype == np.float32
@@ -270,6 +271,7 @@ def test_the_driver_m_step_on_the_gpu_path_equals_numpy(gpu_path):
     independently of both, orthonormal components and the angle SciPy's principal angles give."""
     from scipy.linalg import subspace_angles
 
+    from dva.em.chunk import band_rows
     from dva.em.mstep import band_filter
     from dva.engine.loop import RunParams, initial_components, update_components
     from dva.ops.filters import filter_real
@@ -277,7 +279,7 @@ def test_the_driver_m_step_on_the_gpu_path_equals_numpy(gpu_path):
     xp, tolerance, _ = gpu_path
     rng = np.random.default_rng(11)
     box, modes = 16, 3
-    rows = box * box * (box // 2)  # sums on the half spectra
+    rows = len(band_rows(box))  # sums on the band's rows of the half spectra
     factors = rng.normal(size=(rows, modes, modes + 2))
     gram = np.einsum("vak,vbk->vab", factors, factors)  # positive definite per voxel
     upper = np.triu_indices(modes)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dva.em.chunk import inside_band_half
+from dva.em.chunk import band_rows, inside_band_half
 from dva.em.estep import pair_index
 from dva.em.finish import subspace_angle_deg
 from dva.em.mstep import gram_schmidt, solve_components, solve_spd
@@ -45,6 +45,12 @@ def test_completed_rows_are_those_of_the_completed_volume(xp):
         got = completed_rows(xp.asarray(sums), xp.asarray(rows), box, sign, xp)
         np.testing.assert_array_equal(to_host(got), want[:, rows])
         np.testing.assert_array_equal(to_host(complete_plane(xp.asarray(sums.T), box, sign, xp)), want)
+        # the sums held on the band's rows only (`band_rows`): the same values at those rows
+        stored = band_rows(box)
+        got = completed_rows(xp.asarray(sums[stored]), xp.asarray(rows), box, sign, xp, xp.asarray(stored))
+        np.testing.assert_array_equal(to_host(got), want[:, rows])
+        got = complete_plane(xp.asarray(sums[stored].T), box, sign, xp, xp.asarray(stored))
+        np.testing.assert_array_equal(to_host(got), want[:, stored])
 
 
 def test_subspace_angle_is_the_rotation_between_the_planes(xp):
@@ -116,10 +122,10 @@ def test_gram_schmidt_does_not_trust_a_cholesky_that_fails_quietly():
 
 
 def test_solve_components_equals_a_per_voxel_solve():
-    """Random summed statistics on the half spectra: against each voxel's K×K system built on the
-    full grid (the half unfolded, `tests.conftest.unfold`) and solved with `linalg.solve` (complex
-    right-hand side), shell means over the full grid, the full inverse FFT and the gridding
-    correction."""
+    """Random summed statistics on the whole half spectra, given to `solve_components` on the band's
+    rows only: against each voxel's K×K system built on the full grid from all of them (the half
+    unfolded, `tests.conftest.unfold`) and solved with `linalg.solve` (complex right-hand side),
+    shell means over the full grid, the full inverse FFT and the gridding correction."""
     rng = np.random.default_rng(5)
     box, k, lam = 10, 3, 0.05
     pairs = pair_index(k)
@@ -129,7 +135,9 @@ def test_solve_components_equals_a_per_voxel_solve():
         "G": np.stack([full[:, a, b] for a, b in pairs], -1),
         "b": rng.normal(size=(half_rows(box), 2 * k)),
     }
-    got = solve_components(stats, box, k, lam)
+    rows = band_rows(box)
+    assert 0.4 < len(rows) / half_rows(box) < 0.6
+    got = solve_components({name: sums[rows] for name, sums in stats.items()}, box, k, lam)
     g = unfold(stats["G"].T, box, 1.0)
     matrices = np.zeros((box**3, k, k))
     for c, (a, b) in enumerate(pairs):
@@ -145,3 +153,29 @@ def test_solve_components_equals_a_per_voxel_solve():
     spectrum[:, inside] = solved[inside].T
     expected = np.stack([_full_inverse(s.reshape((box,) * 3)) for s in spectrum]) / gridding_correction(box)
     np.testing.assert_allclose(got, expected, atol=1e-10 * np.abs(expected).max())
+    with pytest.raises(ValueError, match="band rows"):  # sums of the whole half spectra: refused, not misread
+        solve_components(stats, box, k, lam)
+
+
+def test_solve_mean_equals_a_per_voxel_ratio():
+    """Random mean sums on the whole half spectra, given to `solve_mean` on the band's rows only:
+    against num / (den + τ) on the full grid from all of them (τ = `MEAN_TAU` × the shell's mean
+    denominator over the full grid), zero outside the band, the full inverse FFT and the gridding
+    correction."""
+    from dva.em.mean import MEAN_TAU, solve_mean
+
+    rng = np.random.default_rng(6)
+    box = 12
+    num, den = rng.normal(size=(2, half_rows(box))), rng.uniform(0.5, 2.0, (1, half_rows(box)))
+    rows = band_rows(box)
+    got = solve_mean(num[:, rows], den[0, rows], box)
+    full_num = unfold(num[:1], box, 1.0)[0] + 1j * unfold(num[1:], box, -1.0)[0]
+    full_den = unfold(den, box, 1.0)[0]
+    radius = radius_3d(box).ravel() * box
+    shell = np.minimum(np.rint(radius).astype(int), box // 2)
+    tau = MEAN_TAU * (np.bincount(shell, weights=full_den) / np.bincount(shell))[shell]
+    spectrum = np.where(radius <= box // 2 - 1, full_num / (full_den + tau), 0)
+    expected = _full_inverse(spectrum.reshape((box,) * 3)) / gridding_correction(box)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    with pytest.raises(ValueError, match="band rows"):
+        solve_mean(num, den[0], box)

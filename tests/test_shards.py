@@ -103,3 +103,25 @@ def test_reads_go_only_into_a_buffer_of_the_range_exact_shape(tmp_path):
     for out in (np.empty((20, 8, 16), np.float32)[..., ::2], np.empty((20, 8, 8)), np.empty((21, 8, 8), np.float32)):
         with pytest.raises(ValueError, match="C-contiguous float32 \\(20, 8, 8\\)"):
             read_images(images, str(tmp_path / "s.zarr"), 100, 120, out)
+
+
+def test_gpu_tasks_take_whole_shards_up_to_their_megabytes(tmp_path, monkeypatch):
+    """A CPU task takes one shard; a GPU task as many whole shards as hold `DVA_GPU_TASK_MB` of
+    images (at least one); a store without shards keeps its tasks inside its chunks on either."""
+    from dva.io.store import task_limits
+
+    images = _images(tmp_path / "s.zarr", n=5000, shard=300, box=32)  # 300 × 4 KiB = 1.17 MiB a shard
+    monkeypatch.delenv("DVA_GPU_TASK_MB", raising=False)
+    assert task_limits(images) == (300, False)
+    assert task_limits(images, "cupy") == (300 * int(512 // (300 * 4096 / 2**20)), False)
+    for mb, shards in (("3.6", 3), ("2.34", 1), ("0.1", 1)):
+        monkeypatch.setenv("DVA_GPU_TASK_MB", mb)
+        assert task_limits(images, "cupy") == (300 * shards, False)
+        assert task_limits(images, "numpy") == (300, False)
+    for bad in ("many", "0", "-5"):
+        monkeypatch.setenv("DVA_GPU_TASK_MB", bad)
+        with pytest.raises(DvaInputError, match=f"DVA_GPU_TASK_MB='{bad}'"):
+            task_limits(images, "cupy")
+    root = zarr.open_group(tmp_path / "unsharded.zarr", mode="w", zarr_format=3)
+    plain = root.create_array("images", shape=(1000, 8, 8), chunks=(150, 8, 8), dtype="float32")
+    assert task_limits(plain, "cupy") == task_limits(plain) == (150, True)

@@ -118,9 +118,10 @@ def em_statistics(
     `z (n, K)`, `alpha (n,)`, `zsum` (Σ_i z_i), `zcov` (Σ_i (G_i + ridge)⁻¹/α_i², the noise
     covariance of the coordinates summed), `baseline` (Σ W|residual|² after the mean alone) and, with
     `statistics`, `objective` (the same after the components too, so `1 − objective/baseline` is the
-    fraction they explain), `power`/`count` per shell of the residual and `G (half_rows, K(K+1)/2)`
-    and `b (half_rows, 2K)` (re, im per mode) in float64 on the half spectra (`dva.ops.slice`),
-    voxel-major (each voxel's channels side by side, as the insertion adds them).
+    fraction they explain), `power`/`count` per shell of the residual and `G (R, K(K+1)/2)`
+    and `b (R, 2K)` (re, im per mode) in float64 on the band's R rows of the half spectra
+    (`dva.ops.slice`, `Band.rows`), voxel-major (each voxel's channels side by side, as the
+    insertion adds them).
 
     One compiled kernel's pass over all the chunk's particles, in an order of nearby slice planes
     (cache locality), then the small per-particle solves and, with `statistics`, a second pass.
@@ -172,5 +173,5 @@ def em_statistics(
         power = estep_insert(order, shared, band, alpha, z, sums, xp).sum(0)
         out["objective"] = float((power * model.noise_inverse).sum())  # Σ W|residual|², W = 1/σ² · multiplicity
         out["power"], out["count"] = power, band.shell_counts(n, xp)
-        out["G"], out["b"] = sums[:, : len(pairs)], sums[:, len(pairs) :]
+        out["G"], out["b"] = sums[band.rows, : len(pairs)], sums[band.rows, len(pairs) :]
     return out

@@ -10,7 +10,7 @@ from types import ModuleType
 
 import numpy as np
 
-from dva.em.chunk import Band, Chunk, half_multiplicity, half_radius, inside_band_half
+from dva.em.chunk import Band, Chunk, band_rows, check_band_rows, half_multiplicity, half_radius, inside_band_half
 from dva.ops.filters import to_real
 from dva.ops.slice import complete_plane, gridding_correction, half_rows, insert, slice_stencil, view_order
 
@@ -27,8 +27,8 @@ def batch_size(pixels: int, xp: ModuleType = np) -> int:
 
 
 def mean_statistics(chunk: Chunk, band: Band, scale: str, xp: ModuleType = np, weights=None) -> dict:
-    """Partial sums of one chunk on the half spectra (`dva.ops.slice`): numerator `(G, 2, half_rows)`
-    (re, im), denominator `(G, half_rows)`, power per shell.
+    """Partial sums of one chunk on the band's rows of the half spectra (`dva.ops.slice`,
+    `Band.rows`: R of them): numerator `(G, 2, R)` (re, im), denominator `(G, R)`, power per shell.
 
     `weights (n, G)` reconstructs G particle subsets at once (group g sums `w_ig ·` each particle's
     terms); None is one group with weight 1, the mean.
@@ -61,16 +61,19 @@ def mean_statistics(chunk: Chunk, band: Band, scale: str, xp: ModuleType = np, w
         minlength=band.shells,
     )
     count = band.shell_counts(len(chunk.y), xp)
-    sums = sums.T.reshape(groups, 3, half_rows(box))
+    sums = sums[band.rows].T.reshape(groups, 3, len(band.rows))
     return {"num": sums[:, :2], "den": sums[:, 2], "power": power, "count": count}
 
 
-def shell_mean(values, box: int, xp: ModuleType = np):
+def shell_mean(values, box: int, xp: ModuleType = np, rows=None):
     """Mean over each shell (rounded |k|·D, the last shell D//2 taking everything beyond) of the full
     grid of `values (half_rows,)` given on the half spectra (each row standing for itself and, off
-    the kx = 0 plane, its mirror, which holds the same value), broadcast back to `(half_rows,)`."""
+    the kx = 0 plane, its mirror, which holds the same value), broadcast back to `(half_rows,)`.
+    With `rows` (whole shells: `band_rows`), `values` are given at those rows only, and so is the result."""
     shell = xp.minimum(xp.rint(half_radius(box, xp)).astype(xp.int64), box // 2)
     weight = half_multiplicity(box, xp)
+    if rows is not None:
+        shell, weight = shell[rows], weight[rows]
     total = xp.bincount(shell, weights=values * weight, minlength=box // 2 + 1)
     count = xp.maximum(xp.bincount(shell, weights=weight, minlength=box // 2 + 1), 1)
     return (total / count)[shell]
@@ -78,12 +81,16 @@ def shell_mean(values, box: int, xp: ModuleType = np):
 
 def solve_mean(num, den, box: int, xp: ModuleType = np) -> np.ndarray:
     """A volume `(D, D, D)` float32 (real space, map units, gridding-corrected) from one group's summed
-    numerator `(2, half_rows)` and denominator `(half_rows,)` on the half spectra."""
-    num = complete_plane(num[:1], box, 1.0, xp)[0] + 1j * complete_plane(num[1:], box, -1.0, xp)[0]
-    den = complete_plane(den[None], box, 1.0, xp)[0]
-    tau = MEAN_TAU * shell_mean(den, box, xp) + 1e-30
-    spectrum = xp.where(inside_band_half(box, xp), num / (den + tau), 0).reshape(box, box, box // 2)
-    return (to_real(spectrum, xp) / gridding_correction(box, xp)).astype(xp.float32)
+    numerator `(2, R)` and denominator `(R,)` on the band's rows of the half spectra (`band_rows`)."""
+    rows = band_rows(box, xp)
+    check_band_rows(den.shape[-1], rows, box)
+    check_band_rows(num.shape[-1], rows, box)
+    num = complete_plane(num[:1], box, 1.0, xp, rows)[0] + 1j * complete_plane(num[1:], box, -1.0, xp, rows)[0]
+    den = complete_plane(den[None], box, 1.0, xp, rows)[0]
+    tau = MEAN_TAU * shell_mean(den, box, xp, rows) + 1e-30
+    spectrum = xp.zeros(half_rows(box), dtype=num.dtype)
+    spectrum[rows] = xp.where(inside_band_half(box, xp)[rows], num / (den + tau), 0)
+    return (to_real(spectrum.reshape(box, box, box // 2), xp) / gridding_correction(box, xp)).astype(xp.float32)
 
 
 def noise_from_power(stats: dict, white: bool, xp: ModuleType = np):

@@ -6,7 +6,7 @@ from types import ModuleType
 
 import numpy as np
 
-from dva.em.chunk import inside_band_half
+from dva.em.chunk import band_rows, check_band_rows, inside_band_half
 from dva.em.estep import pair_index
 from dva.em.mean import shell_mean
 from dva.ops.filters import butterworth_highpass, butterworth_lowpass, filter_real, radius_3d, to_real
@@ -14,7 +14,8 @@ from dva.ops.slice import complete_plane, completed_rows, gridding_correction, h
 
 
 def solve_components(stats: dict, box: int, modes: int, lam: float, xp: ModuleType = np) -> np.ndarray:
-    """Components `(K, D, D, D)` (real space) from summed statistics (`G`, `b` on the half spectra):
+    """Components `(K, D, D, D)` (real space) from summed statistics (`G`, `b` on the band's rows of
+    the half spectra, `band_rows`):
     `v(ω) = (G(ω) + λ·s·I)⁻¹ b(ω)` in every voxel of the half inside the band (the other half is
     its conjugate), then the gridding correction.
 
@@ -25,16 +26,20 @@ def solve_components(stats: dict, box: int, modes: int, lam: float, xp: ModuleTy
     """
     k = modes
     diagonal = [c for c, (a, b) in enumerate(pair_index(k)) if a == b]
+    rows = band_rows(box, xp)
+    for name in ("G", "b"):
+        check_band_rows(stats[name].shape[0], rows, box)
     inside = xp.flatnonzero(inside_band_half(box, xp))
     trace = sum(stats["G"][:, c] for c in diagonal) / k
-    scale = shell_mean(complete_plane(trace[None], box, 1.0, xp)[0], box, xp)[inside]
-    systems = completed_rows(stats["G"], inside, box, 1.0, xp)  # (K(K+1)/2, m)
+    scale = shell_mean(complete_plane(trace[None], box, 1.0, xp, rows)[0], box, xp, rows)
+    scale = scale[xp.searchsorted(rows, inside)]
+    systems = completed_rows(stats["G"], inside, box, 1.0, xp, rows)  # (K(K+1)/2, m)
     for c in diagonal:
         systems[c] += lam * scale + 1e-30
     rhs = xp.stack(
         [
-            completed_rows(stats["b"][:, 0::2], inside, box, 1.0, xp),
-            completed_rows(stats["b"][:, 1::2], inside, box, -1.0, xp),
+            completed_rows(stats["b"][:, 0::2], inside, box, 1.0, xp, rows),
+            completed_rows(stats["b"][:, 1::2], inside, box, -1.0, xp, rows),
         ],
         1,
     )  # (K, 2, m): re, im

@@ -268,7 +268,7 @@ def run_3dva(
     client, backend = cluster.client, cluster.backend
     driver = driver_module(cluster)
     mask_on_driver, filt_on_driver = driver.asarray(mask), driver.asarray(filt)
-    chunk, aligned = task_limits(images)
+    chunk, aligned = task_limits(images, backend)
     placement = place_chunks(client, store, n, chunk, box, backend, resident_bytes, aligned, host_bytes)
     try:
         metrics: list[dict] = []

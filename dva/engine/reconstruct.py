@@ -28,7 +28,7 @@ def reconstruct_subsets(
     images, _, _ = open_store(store)
     client, backend = cluster.client, cluster.backend
     driver = driver_module(cluster)  # its GPU solves the volumes where it has one
-    chunk, aligned = task_limits(images)
+    chunk, aligned = task_limits(images, backend)
     placement = place_chunks(client, store, len(weights), chunk, box, backend, aligned=aligned)
     volumes = []
     try:

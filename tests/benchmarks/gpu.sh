@@ -4,15 +4,14 @@
 # kept in host memory and copied over every pass, streamed from the store; box 256 K=10 50k
 # particles). `tuned` runs the resident benchmark again with the launch shape the kernels stage
 # found fastest (`tuned_launch.py`; skipped when that is dva's own). Stages run in the order named:
-#   bash tests/benchmarks/gpu.sh [tests] [kernels] [resident] [reads] [tuned] [onhost] [streamed] [box256] [bigtasks]
-# Their timeouts add up to 150 + 150 + 180 + 90 + 90 + 90 + 90 + 240 + 150 s; the stages should take about half that
+#   bash tests/benchmarks/gpu.sh [tests] [kernels] [resident] [reads] [tuned] [onhost] [streamed] [smalltasks] [box256]
+# Their timeouts add up to 150 + 150 + 180 + 90 + 90 + 90 + 90 + 90 + 240 s; the stages should take about half that
 # (the timeouts cap a stage that hangs or crawls). Seen on the H100 on 2026-11-27 (before dva read its
 # shards directly): tests 84 s with the wheels' install, kernels 31, resident 91 (32 of them making
 # the dataset), tuned 33, onhost 44, streamed over 75 (12 s an iteration); box256's dataset took 78 s
 # and its mean's pass over 115. Run them all in one call of 600 s: what the
-# stages finish is kept ($OUT is written as they go), the last ones (box256, bigtasks) are the first
-# to be cut, and
-# the lease pays for one start, not two (a fresh machine simulates its data again; the tuned,
+# stages finish is kept ($OUT is written as they go), the last ones (smalltasks, box256) are the first
+# to be cut, and the lease pays for one start, not two (a fresh machine simulates its data again; the tuned,
 # on-host and streamed stages reuse the resident stage's /tmp/b128, which box256 deletes first: disk).
 #
 # Here first (PyPI reachable): `bash ../shared/gpu/fetch-wheels.sh` (dask, distributed, dask-cuda,
@@ -34,7 +33,7 @@ OUT="${OUT:-/tmp/dva-gpu}"
 mkdir -p "$OUT"
 nvidia-smi -L
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests kernels resident reads tuned onhost streamed box256 bigtasks)
+[ ${#stages[@]} -eq 0 ] && stages=(tests kernels resident reads tuned onhost streamed smalltasks box256)
 # stdout: one JSON line per run; stderr (also in bench.log): each iteration's time as it ends, so a
 # stage cut by its timeout still shows how far it got and how fast
 bench() { timeout "$1" python3 -m dva bench --json "${@:2}" 2> >(tee -a "$OUT/bench.log" >&2) | tee -a "$OUT/bench.jsonl"; }
@@ -49,7 +48,7 @@ for stage in "${stages[@]}"; do
             timeout 60 python3 tests/benchmarks/kernels.py --box 128 --modes 3 --particles 8192 | tee -a "$OUT/kernels.jsonl"
             timeout 60 python3 tests/benchmarks/kernels.py --box 256 --modes 10 --particles 2048 --no-sweep --repeats 2 \
                 | tee -a "$OUT/kernels.jsonl"
-            # a task's worth (the store's default chunk at box 128): slower per particle than 8,192?
+            # one shard's worth (the store's default chunk at box 128, a GPU task before they took 512 MB)
             timeout 30 python3 tests/benchmarks/kernels.py --box 128 --modes 3 --particles 2048 --no-sweep \
                 | tee -a "$OUT/kernels.jsonl" ;;
         # The 100k-particle dataset is simulated (one thread per core: ~0.65 s per 1,024 images of
@@ -76,9 +75,9 @@ for stage in "${stages[@]}"; do
         # Its floor is 10.6 s per iteration (7.6e11 scatter-adds at the float32 ceiling; dva adds in
         # float64): 2 iterations, each one's time in bench.log as it ends, the peak memory at the end.
         box256) rm -rf /tmp/b128; bench 240 --particles 50000 --box 256 --modes 10 --iterations 2 --gpus 0 ;;
-        # The resident run with tasks of 8,192 particles (shards of 512 MB) instead of 2,048: fewer
-        # tasks, each with more work per launch (its own dataset: ~30 s to make).
-        bigtasks) bench 150 --particles 100000 --box 128 --modes 3 --iterations 5 --gpus 0 --chunk-size 8192 --data /tmp/b128big ;;
-        *) echo "unknown stage $stage (tests, kernels, resident, reads, tuned, onhost, streamed, box256, bigtasks)"; exit 2 ;;
+        # The resident run with the tasks of one 2,048-particle shard each that GPU workers took before
+        # they took 512 MB (8,192 particles here): is the default faster?
+        smalltasks) (export DVA_GPU_TASK_MB=128; bench 90 --particles 100000 --box 128 --modes 3 --iterations 5 --gpus 0 --data /tmp/b128) ;;
+        *) echo "unknown stage $stage (tests, kernels, resident, reads, tuned, onhost, streamed, smalltasks, box256)"; exit 2 ;;
     esac
 done
