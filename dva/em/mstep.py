@@ -29,10 +29,9 @@ def solve_components(stats: dict, box: int, modes: int, lam: float, xp: ModuleTy
     rows = band_rows(box, xp)
     for name in ("G", "b"):
         check_band_rows(stats[name].shape[0], rows, box)
-    inside = xp.flatnonzero(inside_band_half(box, xp))
+    inside = xp.flatnonzero(inside_band_half(box, xp)[rows])  # of the sums' rows
     trace = sum(stats["G"][:, c] for c in diagonal) / k
-    scale = shell_mean(complete_plane(trace[None], box, 1.0, xp, rows)[0], box, xp, rows)
-    scale = scale[xp.searchsorted(rows, inside)]
+    scale = shell_mean(complete_plane(trace[None], box, 1.0, xp, rows)[0], box, xp, rows)[inside]
     systems = completed_rows(stats["G"], inside, box, 1.0, xp, rows)  # (K(K+1)/2, m)
     for c in diagonal:
         systems[c] += lam * scale + 1e-30
@@ -45,10 +44,11 @@ def solve_components(stats: dict, box: int, modes: int, lam: float, xp: ModuleTy
     )  # (K, 2, m): re, im
     solution = solve_spd(systems, rhs, xp)
     correction = gridding_correction(box, xp)
+    voxels = rows[inside]  # of the half spectra
     out = []
     for re, im in solution:
         spectrum = xp.zeros(half_rows(box), dtype=xp.complex128)
-        spectrum[inside] = re + 1j * im
+        spectrum[voxels] = re + 1j * im
         out.append(to_real(spectrum.reshape(box, box, box // 2), xp) / correction)
     return xp.stack(out)
 

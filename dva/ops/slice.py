@@ -119,8 +119,7 @@ def complete_plane(channels, box: int, sign: float, xp: ModuleType = np, stored=
     those rows only (see `completed_rows`), and are completed at each.
 
     `sign` is +1 for real parts (and real channels) and −1 for imaginary parts."""
-    rows = xp.arange(half_rows(box)) if stored is None else stored
-    return completed_rows(channels.T, rows, box, sign, xp, stored)
+    return completed_rows(channels.T, xp.arange(channels.shape[1]), box, sign, xp, stored)
 
 
 COPY_ROWS = 16384  # rows that `completed_rows` transposes at a time (its cache)
@@ -130,15 +129,15 @@ def completed_rows(sums, rows, box: int, sign: float, xp: ModuleType = np, store
     """Half-spectrum sums completed at some rows only: the channels `(C, len(rows))` of voxel-major
     sums `(half_rows, C)` at `rows`, those on the kx = 0 plane with `sign`× the sums of their mirror
     `(−z, −y)` added (`complete_plane` at every row). With `stored` (sorted rows of the half
-    spectra), `sums (len(stored), C)` hold those rows only, `rows` and their mirrors among them
-    (`dva.em.chunk.band_rows`)."""
-    at = rows if stored is None else xp.searchsorted(stored, rows)
+    spectra: `dva.em.chunk.band_rows`), `sums (len(stored), C)` hold those rows only, and `rows`
+    index them (the half spectra's rows `stored[rows]`, whose mirrors must be stored too)."""
     out = xp.empty((sums.shape[1], len(rows)), dtype=sums.dtype)
     for lo in range(0, len(rows), COPY_ROWS):  # in blocks: 0.4 s instead of 1.0-1.4 at box 256 (NumPy)
-        out[:, lo : lo + COPY_ROWS] = sums[at[lo : lo + COPY_ROWS]].T
+        out[:, lo : lo + COPY_ROWS] = sums[rows[lo : lo + COPY_ROWS]].T
     half = box // 2
-    on_plane = xp.flatnonzero(rows % half == 0)
-    line = rows[on_plane] // half  # z·D + y
+    full = rows if stored is None else stored[rows]
+    on_plane = xp.flatnonzero(full % half == 0)
+    line = full[on_plane] // half  # z·D + y
     z, y = line // box, line % box
     mate = (((box - z) % box) * box + (box - y) % box) * half
     out[:, on_plane] += sign * sums[mate if stored is None else xp.searchsorted(stored, mate)].T
