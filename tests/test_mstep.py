@@ -180,3 +180,13 @@ def test_solve_mean_equals_a_per_voxel_ratio():
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
     with pytest.raises(ValueError, match="band rows"):
         solve_mean(num, den[0], box)
+
+
+def test_completed_rows_refuse_stored_rows_without_their_mirrors():
+    """Sums held on rows whose kx = 0 mirrors are missing cannot be completed: refused, not read
+    from a neighbouring row."""
+    box = 8
+    stored = np.flatnonzero(np.arange(half_rows(box)) % (box // 2) == 0)[:-3]  # the plane, less three
+    sums = np.ones((len(stored), 2))
+    with pytest.raises(ValueError, match="mirror"):
+        completed_rows(sums, np.arange(len(stored)), box, 1.0, np, stored)

@@ -15,15 +15,18 @@ from dva.ops.filters import to_real
 from dva.ops.slice import complete_plane, gridding_correction, half_rows, insert, slice_stencil, view_order
 
 MEAN_TAU = 1e-3  # τ as a fraction of the shell's mean denominator
-BATCH = 128  # particles per vectorised step on CPU workers (their cache)
-GPU_POINTS = 2**22  # samples per vectorised step on GPU workers (~1 GB of temporaries)
+BATCH = 128  # particles per vectorised step on CPU workers (their cache), for one group
+GPU_POINTS = 2**22  # samples per vectorised step on GPU workers for one group (~0.5 GB of temporaries)
 
 
-def batch_size(pixels: int, xp: ModuleType = np) -> int:
-    """Particles per vectorised step for images of `pixels` samples: `BATCH` on CPU workers; on GPU
-    workers as many as make `GPU_POINTS` samples (666 at box 128), so that each of the step's few
-    kernel launches has work to do (unmeasured on a GPU)."""
-    return BATCH if xp is np else max(1, GPU_POINTS // max(pixels, 1))
+def batch_size(pixels: int, groups: int, xp: ModuleType = np) -> int:
+    """Particles per vectorised step for images of `pixels` samples and `groups` subsets: `BATCH`
+    on CPU workers; on GPU workers as many as make `GPU_POINTS` samples (666 at box 128), so that
+    each of the step's few kernel launches has work to do (unmeasured on a GPU); both divided by
+    the groups, so a step's values `(samples, 3·groups)` float64 stay the same size (~100 MB on
+    GPU workers) whatever their number."""
+    per_step = BATCH if xp is np else GPU_POINTS // max(pixels, 1)
+    return max(1, per_step // groups)
 
 
 def mean_statistics(chunk: Chunk, band: Band, scale: str, xp: ModuleType = np, weights=None) -> dict:
@@ -38,7 +41,7 @@ def mean_statistics(chunk: Chunk, band: Band, scale: str, xp: ModuleType = np, w
     half = band.multiplicity / 2  # each sample stands for itself and its mate (see `complete_plane`)
     sums = xp.zeros((half_rows(box), 3 * groups))  # voxel-major: (re, im, den) of each group side by side
     weights = None if weights is None else xp.asarray(weights)
-    batch = batch_size(len(band.flat), xp)
+    batch = batch_size(len(band.flat), groups, xp)
     order = view_order(chunk.rotation, batch, xp)  # batches of nearby slice planes (cache locality)
     for lo in range(0, len(chunk.y), batch):
         sl = order[lo : lo + batch]
@@ -48,11 +51,10 @@ def mean_statistics(chunk: Chunk, band: Band, scale: str, xp: ModuleType = np, w
         num = (alpha[:, None] * chunk.ctf[sl] * half) * chunk.y[sl]
         den = (alpha[:, None] * chunk.ctf[sl]) ** 2 * half
         imaginary = num.imag * mate.reshape(num.shape)  # conjugate where taken at the mirror
-        values = []
-        for g in range(groups):
-            wg = w[:, g, None]
-            values += [(wg * num.real).ravel(), (wg * imaginary).ravel(), (wg * den).ravel()]
-        insert(xp.stack(values, -1), index, weights_3d, sums, xp)
+        values = xp.empty((*num.shape, groups, 3))  # per sample, (re, im, den) of each group
+        for c, part in enumerate((num.real, imaginary, den)):
+            xp.multiply(w[:, None, :], part[:, :, None], out=values[..., c])
+        insert(values.reshape(-1, 3 * groups), index, weights_3d, sums, xp)
     # Summed over the particles first: one add per pixel into the few shells, not one per sample (on
     # a GPU those are float64 atomics into ~D/2 addresses).
     power = xp.bincount(

@@ -140,5 +140,10 @@ def completed_rows(sums, rows, box: int, sign: float, xp: ModuleType = np, store
     line = full[on_plane] // half  # z·D + y
     z, y = line // box, line % box
     mate = (((box - z) % box) * box + (box - y) % box) * half
-    out[:, on_plane] += sign * sums[mate if stored is None else xp.searchsorted(stored, mate)].T
+    if stored is not None:  # where the mirrors are stored: checked (CuPy would wrap a bad index, not raise)
+        found = xp.minimum(xp.searchsorted(stored, mate), len(stored) - 1)
+        if not bool(xp.all(stored[found] == mate)):
+            raise ValueError("completed_rows: the mirror of a row is not among the stored rows")
+        mate = found
+    out[:, on_plane] += sign * sums[mate].T
     return out
