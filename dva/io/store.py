@@ -56,7 +56,8 @@ def task_limits(images: zarr.Array, backend: str = "numpy") -> tuple[int, bool]:
     (or the environment's `DVA_GPU_TASK_MB`) of images, at least one: 8,192 particles of box 128
     with the default shards. A GPU pass costs each task a few milliseconds besides its kernels
     (launches, synchronising, adding its sums): on the H100 the 49 tasks of 2,048 particles of a
-    resident pass over 100k at box 128 took 1.29 s where their kernels took ~0.87 s."""
+    resident pass over 100k at box 128 took 1.29 s, where the kernels' rate on 8,192 particles at once
+    made ~0.87 s (tasks of 8,192 unmeasured there: `tests/benchmarks/gpu.sh`, stage smalltasks)."""
     if not images.shards:
         return images.chunks[0], True
     shard = images.shards[0]
