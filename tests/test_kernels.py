@@ -168,7 +168,10 @@ def test_estep_passes_equal_direct_sums(request, kernel, modes):
     )
     added = to_host(out) - start
     completed = np.concatenate(
-        [complete_plane(added[:, k][None], box, sign) for k, sign in enumerate(_channel_signs(modes))]
+        [
+            complete_plane(added[:, k][None], np.arange(half_rows(box)), box, sign)
+            for k, sign in enumerate(_channel_signs(modes))
+        ]
     )
     names = ("gram", "proj", "data", "power", "sums")
     for name, value, want in zip(

@@ -35,23 +35,22 @@ def test_solve_spd_gives_zero_where_nothing_was_seen():
 def test_completed_rows_are_those_of_the_completed_volume(xp):
     """`completed_rows` at the band's rows, and `complete_plane` at every row, equal the half of the
     full grid written out (`unfold`), for both signs (the kx = 0 plane gets its mirror's sums; the
-    self-mirrored voxels double or cancel)."""
+    self-mirrored voxels double or cancel): from sums held at every row of the half spectra, and
+    from those held at the band's rows only (`band_rows`)."""
     box = 8
     rng = np.random.default_rng(5)
     sums = rng.normal(size=(half_rows(box), 3))
     rows = np.flatnonzero(inside_band_half(box))
-    for sign in (1.0, -1.0):
-        want = half_of(unfold(sums.T, box, sign), box)
-        got = completed_rows(xp.asarray(sums), xp.asarray(rows), box, sign, xp)
-        np.testing.assert_array_equal(to_host(got), want[:, rows])
-        np.testing.assert_array_equal(to_host(complete_plane(xp.asarray(sums.T), box, sign, xp)), want)
-        # the sums held on the band's rows only (`band_rows`): the same values at those rows
-        stored = band_rows(box)
+    for stored in (np.arange(half_rows(box)), band_rows(box)):
         at = np.searchsorted(stored, rows)  # where the rows are among the stored ones
-        got = completed_rows(xp.asarray(sums[stored]), xp.asarray(at), box, sign, xp, xp.asarray(stored))
-        np.testing.assert_array_equal(to_host(got), want[:, rows])
-        got = complete_plane(xp.asarray(sums[stored].T), box, sign, xp, xp.asarray(stored))
-        np.testing.assert_array_equal(to_host(got), want[:, stored])
+        held, kept = xp.asarray(sums[stored]), xp.asarray(stored)
+        for sign in (1.0, -1.0):
+            want = half_of(unfold(sums.T, box, sign), box)
+            got = completed_rows(held, xp.asarray(at), kept, box, sign, xp)
+            np.testing.assert_array_equal(to_host(got), want[:, rows])
+            np.testing.assert_array_equal(to_host(complete_plane(held.T, kept, box, sign, xp)), want[:, stored])
+    with pytest.raises(ValueError, match="not the 35 stored"):  # sums of other rows: refused
+        complete_plane(xp.asarray(sums.T), xp.asarray(stored[:35]), box, 1.0, xp)
 
 
 def test_subspace_angle_is_the_rotation_between_the_planes(xp):
@@ -189,4 +188,4 @@ def test_completed_rows_refuse_stored_rows_without_their_mirrors():
     stored = np.flatnonzero(np.arange(half_rows(box)) % (box // 2) == 0)[:-3]  # the plane, less three
     sums = np.ones((len(stored), 2))
     with pytest.raises(ValueError, match="mirror"):
-        completed_rows(sums, np.arange(len(stored)), box, 1.0, np, stored)
+        completed_rows(sums, np.arange(len(stored)), stored, box, 1.0, np)

@@ -136,7 +136,8 @@ def test_the_job_on_the_gpu_backend_equals_the_numpy_job(store, cluster, gpu_clu
         # on the device; the last model, 0.4 MB, may still be there), not as soon as the cancel returned.
         assert len(at_end) == 4 and max(at_end) - before < 2 * one_chunk
         # Nothing left on the "device" once the run is over (its chunks, sums and models released;
-        # the two workers' cached bands remain: 2 × 50 kB), though it held megabytes meanwhile.
+        # the workers' cached band remains: 50 kB, in-process workers share it), though it held
+        # megabytes meanwhile.
         assert device.peak_device_bytes() - before > 2 * one_chunk
         left = 2 * sum(a.nbytes for a in vars(make_band(32)).values() if isinstance(a, np.ndarray)) + 16_000
         deadline = time.monotonic() + 10

@@ -105,9 +105,10 @@ def test_reads_go_only_into_a_buffer_of_the_range_exact_shape(tmp_path):
             read_images(images, str(tmp_path / "s.zarr"), 100, 120, out)
 
 
-def test_gpu_tasks_take_whole_shards_up_to_their_megabytes(tmp_path, monkeypatch):
-    """A CPU task takes one shard; a GPU task as many whole shards as hold `DVA_GPU_TASK_MB` of
-    images (at least one); a store without shards keeps its tasks inside its chunks on either."""
+def test_gpu_tasks_take_up_to_the_whole_shards_that_hold_their_megabytes(tmp_path, monkeypatch):
+    """A CPU task takes at most one shard; a GPU task at most the whole shards that hold
+    `DVA_GPU_TASK_MB` of images (at least one); a store without shards keeps its tasks inside its
+    chunks on either."""
     from dva.io.store import task_limits
 
     images = _images(tmp_path / "s.zarr", n=5000, shard=300, box=32)  # 300 × 4 KiB = 1.17 MiB a shard
@@ -118,7 +119,7 @@ def test_gpu_tasks_take_whole_shards_up_to_their_megabytes(tmp_path, monkeypatch
         monkeypatch.setenv("DVA_GPU_TASK_MB", mb)
         assert task_limits(images, "cupy") == (300 * shards, False)
         assert task_limits(images, "numpy") == (300, False)
-    for bad in ("many", "0", "-5"):
+    for bad in ("many", "0", "-5", "inf", "nan"):
         monkeypatch.setenv("DVA_GPU_TASK_MB", bad)
         with pytest.raises(DvaInputError, match=f"DVA_GPU_TASK_MB='{bad}'"):
             task_limits(images, "cupy")

@@ -67,17 +67,14 @@ def mean_statistics(chunk: Chunk, band: Band, scale: str, xp: ModuleType = np, w
     return {"num": sums[:, :2], "den": sums[:, 2], "power": power, "count": count}
 
 
-def shell_mean(values, box: int, xp: ModuleType = np, rows=None):
-    """Mean over each shell (rounded |k|·D, the last shell D//2 taking everything beyond) of the full
-    grid of `values (half_rows,)` given on the half spectra (each row standing for itself and, off
-    the kx = 0 plane, its mirror, which holds the same value), broadcast back to `(half_rows,)`.
-    With `rows` (whole shells: `band_rows`), `values` are given at those rows only, and so is the result."""
-    shell = xp.minimum(xp.rint(half_radius(box, xp)).astype(xp.int64), box // 2)
-    weight = half_multiplicity(box, xp)
-    if rows is not None:
-        shell, weight = shell[rows], weight[rows]
-    total = xp.bincount(shell, weights=values * weight, minlength=box // 2 + 1)
-    count = xp.maximum(xp.bincount(shell, weights=weight, minlength=box // 2 + 1), 1)
+def shell_mean(values, rows, box: int, xp: ModuleType = np):
+    """Mean over each shell (rounded |k|·D) of the full grid of `values (len(rows),)` given at the half
+    spectra's `rows` (whole shells: `band_rows`; each row standing for itself and, off the kx = 0
+    plane, its mirror, which holds the same value), broadcast back to those rows."""
+    shell = xp.rint(half_radius(box, xp)[rows]).astype(xp.int64)
+    weight = half_multiplicity(box, xp)[rows]
+    total = xp.bincount(shell, weights=values * weight)
+    count = xp.maximum(xp.bincount(shell, weights=weight), 1)
     return (total / count)[shell]
 
 
@@ -87,9 +84,9 @@ def solve_mean(num, den, box: int, xp: ModuleType = np) -> np.ndarray:
     rows = band_rows(box, xp)
     check_band_rows(den.shape[-1], rows, box)
     check_band_rows(num.shape[-1], rows, box)
-    num = complete_plane(num[:1], box, 1.0, xp, rows)[0] + 1j * complete_plane(num[1:], box, -1.0, xp, rows)[0]
-    den = complete_plane(den[None], box, 1.0, xp, rows)[0]
-    tau = MEAN_TAU * shell_mean(den, box, xp, rows) + 1e-30
+    num = complete_plane(num[:1], rows, box, 1.0, xp)[0] + 1j * complete_plane(num[1:], rows, box, -1.0, xp)[0]
+    den = complete_plane(den[None], rows, box, 1.0, xp)[0]
+    tau = MEAN_TAU * shell_mean(den, rows, box, xp) + 1e-30
     spectrum = xp.zeros(half_rows(box), dtype=num.dtype)
     spectrum[rows] = xp.where(inside_band_half(box, xp)[rows], num / (den + tau), 0)
     return (to_real(spectrum.reshape(box, box, box // 2), xp) / gridding_correction(box, xp)).astype(xp.float32)

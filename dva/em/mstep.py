@@ -31,14 +31,14 @@ def solve_components(stats: dict, box: int, modes: int, lam: float, xp: ModuleTy
         check_band_rows(stats[name].shape[0], rows, box)
     inside = xp.flatnonzero(inside_band_half(box, xp)[rows])  # of the sums' rows
     trace = sum(stats["G"][:, c] for c in diagonal) / k
-    scale = shell_mean(complete_plane(trace[None], box, 1.0, xp, rows)[0], box, xp, rows)[inside]
-    systems = completed_rows(stats["G"], inside, box, 1.0, xp, rows)  # (K(K+1)/2, m)
+    scale = shell_mean(complete_plane(trace[None], rows, box, 1.0, xp)[0], rows, box, xp)[inside]
+    systems = completed_rows(stats["G"], inside, rows, box, 1.0, xp)  # (K(K+1)/2, m)
     for c in diagonal:
         systems[c] += lam * scale + 1e-30
     rhs = xp.stack(
         [
-            completed_rows(stats["b"][:, 0::2], inside, box, 1.0, xp, rows),
-            completed_rows(stats["b"][:, 1::2], inside, box, -1.0, xp, rows),
+            completed_rows(stats["b"][:, 0::2], inside, rows, box, 1.0, xp),
+            completed_rows(stats["b"][:, 1::2], inside, rows, box, -1.0, xp),
         ],
         1,
     )  # (K, 2, m): re, im

@@ -4,7 +4,9 @@ Reading into a new array pays for its memory's page faults on every read: on the
 134 MB chunk of box-128 images was read at 0.2-0.5 GB/s into a new array and at 1.5 GB/s into a
 reused one (the file itself at 2.3 GB/s). A new page-locked array (GPU workers) costs a
 `cudaHostAlloc` as well. A worker keeps the buffers of the chunk being prepared and of those read
-ahead meanwhile (`tasks.READ_AHEAD`) through a run, 128 MB each at the default chunk size.
+ahead meanwhile (`tasks.READ_AHEAD`) through a run: a task's images each, one chunk (128 MB by
+default) on CPU workers, up to `store.GPU_TASK_MB` (512 MB) on GPU workers, which keep up to four
+(2 GB of page-locked memory, outside the budget of the chunks they keep).
 """
 
 from __future__ import annotations

@@ -144,9 +144,9 @@ def release_driver(driver: ModuleType) -> None:
     K = 10: the summed statistics and the components). The run is over. Raises nothing: after a
     CUDA error the run's own error is the one to tell."""
     if driver is not np:
-        with contextlib.suppress(Exception):
-            driver.get_default_memory_pool().free_all_blocks()
-            driver.get_default_pinned_memory_pool().free_all_blocks()
+        for pool in (driver.get_default_memory_pool, driver.get_default_pinned_memory_pool):
+            with contextlib.suppress(Exception):
+                pool().free_all_blocks()
 
 
 def mean_volume(stats: dict, group: int, box: int, xp: ModuleType = np) -> np.ndarray:

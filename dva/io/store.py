@@ -10,6 +10,7 @@ the import parameters and the dva version. Images are stored white on black (mul
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from dva.io.mrc import StackReader
 from dva.ops.fourier import fourier_crop
 
 CHUNK_BYTES = 128 * 2**20  # default chunk: about 128 MB of images
-GPU_TASK_MB = 512  # images a GPU worker's task takes at most, in whole shards (`task_limits`)
+GPU_TASK_MB = 512  # images a GPU worker's task takes at most, a multiple of the shards (`task_limits`)
 INNER_CHUNK = 1024  # most particles per inner chunk of a shard
 READ_BYTES = 16 * 2**20  # images read and cropped at a time (bounds the FFT's temporaries)
 TABLE_CHUNK = 2**16  # particles per chunk of each per-particle variable: a task reading 2,048 rows of a
@@ -52,9 +53,10 @@ def task_limits(images: zarr.Array, backend: str = "numpy") -> tuple[int, bool]:
     sharded store reads any range by its inner chunks, an unsharded one (stores written before
     shards) reads each chunk whole for any part of it.
 
-    A CPU worker's task takes one shard; a GPU worker's as many whole shards as hold `GPU_TASK_MB`
-    (or the environment's `DVA_GPU_TASK_MB`) of images, at least one: 8,192 particles of box 128
-    with the default shards. A GPU pass costs each task a few milliseconds besides its kernels
+    A CPU worker's task takes at most one shard; a GPU worker's at most the whole shards that hold
+    `GPU_TASK_MB` of images (at least one; `DVA_GPU_TASK_MB` in the environment of the process that
+    runs the job sets another size): 8,192 particles of box 128 with the default shards
+    (`placement.deal_tasks` then cuts equal tasks up to that: 14 of ~7,143 for 100k on one GPU). A GPU pass costs each task a few milliseconds besides its kernels
     (launches, synchronising, adding its sums): on the H100 the 49 tasks of 2,048 particles of a
     resident pass over 100k at box 128 took 1.29 s, where the kernels' rate on 8,192 particles at once
     made ~0.87 s (tasks of 8,192 unmeasured there: `tests/benchmarks/gpu.sh`, stage smalltasks)."""
@@ -76,7 +78,7 @@ def gpu_task_mb() -> float:
         mb = float(value)
     except ValueError:
         mb = 0.0
-    if not mb > 0:
+    if not (mb > 0 and math.isfinite(mb)):
         raise DvaInputError(
             f"DVA_GPU_TASK_MB={value!r}: give the megabytes of images a GPU task takes (a positive number)"
         )

@@ -111,39 +111,40 @@ def insert(values, index, weights, out, xp: ModuleType = np):
     return out
 
 
-def complete_plane(channels, box: int, sign: float, xp: ModuleType = np, stored=None):
-    """Sums `(C, half_rows)` inserted into the half spectra, completed (`completed_rows` at every row):
-    on the kx = 0 plane (its own mirror's half) each voxel also gets `sign`× its mirror's sum;
-    elsewhere every sample already sits where it or its conjugate belongs. The result equals the full
-    plane inserted on the full grid, on the half. With `stored`, the sums `(C, len(stored))` hold
-    those rows only (see `completed_rows`), and are completed at each.
+def complete_plane(channels, stored, box: int, sign: float, xp: ModuleType = np):
+    """Sums `(C, len(stored))` inserted into the half spectra, held at its rows `stored` (sorted:
+    `dva.em.chunk.band_rows`, or every row), completed at each (`completed_rows`): on the kx = 0
+    plane (its own mirror's half) each voxel also gets `sign`× its mirror's sum; elsewhere every
+    sample already sits where it or its conjugate belongs. The result equals the full plane inserted
+    on the full grid, on the half.
 
     `sign` is +1 for real parts (and real channels) and −1 for imaginary parts."""
-    return completed_rows(channels.T, xp.arange(channels.shape[1]), box, sign, xp, stored)
+    if channels.shape[1] != len(stored):
+        raise ValueError(f"complete_plane: sums of {channels.shape[1]} rows, not the {len(stored)} stored")
+    return completed_rows(channels.T, xp.arange(len(stored)), stored, box, sign, xp)
 
 
 COPY_ROWS = 16384  # rows that `completed_rows` transposes at a time (its cache)
 
 
-def completed_rows(sums, rows, box: int, sign: float, xp: ModuleType = np, stored=None):
-    """Half-spectrum sums completed at some rows only: the channels `(C, len(rows))` of voxel-major
-    sums `(half_rows, C)` at `rows`, those on the kx = 0 plane with `sign`× the sums of their mirror
-    `(−z, −y)` added (`complete_plane` at every row). With `stored` (sorted rows of the half
-    spectra: `dva.em.chunk.band_rows`), `sums (len(stored), C)` hold those rows only, and `rows`
-    index them (the half spectra's rows `stored[rows]`, whose mirrors must be stored too)."""
+def completed_rows(sums, rows, stored, box: int, sign: float, xp: ModuleType = np):
+    """Half-spectrum sums completed at some rows only: voxel-major sums `(len(stored), C)` held at
+    the half spectra's rows `stored` (sorted: `dva.em.chunk.band_rows`, or every row), and their
+    channels `(C, len(rows))` at the positions `rows` (the half spectra's rows `stored[rows]`), those
+    on the kx = 0 plane with `sign`× the sums of their mirror `(−z, −y)` added (`complete_plane` at
+    every row). The mirrors must be stored too."""
     out = xp.empty((sums.shape[1], len(rows)), dtype=sums.dtype)
     for lo in range(0, len(rows), COPY_ROWS):  # in blocks: 0.4 s instead of 1.0-1.4 at box 256 (NumPy)
         out[:, lo : lo + COPY_ROWS] = sums[rows[lo : lo + COPY_ROWS]].T
     half = box // 2
-    full = rows if stored is None else stored[rows]
+    full = stored[rows]
     on_plane = xp.flatnonzero(full % half == 0)
     line = full[on_plane] // half  # z·D + y
     z, y = line // box, line % box
     mate = (((box - z) % box) * box + (box - y) % box) * half
-    if stored is not None:  # where the mirrors are stored: checked (CuPy would wrap a bad index, not raise)
-        found = xp.minimum(xp.searchsorted(stored, mate), len(stored) - 1)
-        if not bool(xp.all(stored[found] == mate)):
-            raise ValueError("completed_rows: the mirror of a row is not among the stored rows")
-        mate = found
-    out[:, on_plane] += sign * sums[mate].T
+    # where the mirrors are stored, checked (CuPy would wrap a bad index, not raise)
+    found = xp.minimum(xp.searchsorted(stored, mate), len(stored) - 1)
+    if not bool(xp.all(stored[found] == mate)):
+        raise ValueError("completed_rows: the mirror of a row is not among the stored rows")
+    out[:, on_plane] += sign * sums[found].T
     return out

@@ -11,15 +11,16 @@
 # the dataset), tuned 33, onhost 44, streamed over 75 (12 s an iteration); box256's dataset took 78 s
 # and its mean's pass over 115. Run them all in one call of 600 s: what the
 # stages finish is kept ($OUT is written as they go), the last ones (smalltasks, box256) are the first
-# to be cut, and the lease pays for one start, not two (a fresh machine simulates its data again; the tuned,
-# on-host and streamed stages reuse the resident stage's /tmp/b128, which box256 deletes first: disk).
+# to be cut, and the lease pays for one start, not two (a fresh machine simulates its data again; the reads,
+# tuned, on-host, streamed and smalltasks stages reuse the resident stage's /tmp/b128, which box256
+# deletes first: disk).
 #
 # Here first (PyPI reachable): `bash ../shared/gpu/fetch-wheels.sh` (dask, distributed, dask-cuda,
 # zarr, mrcfile, starfile and their needs, ~19 MiB). The GPU image already holds dva's other
 # dependencies (numpy, cupy, numba, scipy, pandas, xarray, typer, rich, psutil, scikit-learn,
 # matplotlib, pytest: /work/.library/device/KINDS.md), and dva runs from the checkout (PYTHONPATH).
 # Then:
-#   run(command="bash tests/benchmarks/gpu.sh", carry=[".whl"], timeout_s=600)   (all seven stages)
+#   run(command="bash tests/benchmarks/gpu.sh", carry=[".whl"], timeout_s=600)   (all nine stages)
 # and, if device time is left, whichever stages were cut, alone.
 # Results: $OUT/tests.log, $OUT/kernels.jsonl (one line per launch shape), $OUT/tuned.env (the
 # fastest shape when it is not dva's, as DVA_CUDA_* variables), $OUT/bench.jsonl (one
@@ -76,7 +77,7 @@ for stage in "${stages[@]}"; do
         # float64): 2 iterations, each one's time in bench.log as it ends, the peak memory at the end.
         box256) rm -rf /tmp/b128; bench 240 --particles 50000 --box 256 --modes 10 --iterations 2 --gpus 0 ;;
         # The resident run with the tasks of one 2,048-particle shard each that GPU workers took before
-        # they took 512 MB (8,192 particles here): is the default faster?
+        # they took up to 512 MB (14 tasks of ~7,143 particles here instead of 50): is the default faster?
         smalltasks) (export DVA_GPU_TASK_MB=128; bench 90 --particles 100000 --box 128 --modes 3 --iterations 5 --gpus 0 --data /tmp/b128) ;;
         *) echo "unknown stage $stage (tests, kernels, resident, reads, tuned, onhost, streamed, smalltasks, box256)"; exit 2 ;;
     esac
