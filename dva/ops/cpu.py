@@ -175,10 +175,10 @@ def _estep_sums(modes: int):
                     _gather_slices(volumes, index, w8, mate, s, columns)
                     for ch in range(columns):
                         d[ch] = c * s[ch]
-                    for a in range(width):  # the whole square (symmetric): constant-length loops
+                    for a in range(width):  # the upper triangle (symmetric)
                         ar, ai = wq * d[2 * a], wq * d[2 * a + 1]
                         b[a] += ar * yr + ai * yi
-                        for e in range(width):
+                        for e in range(a, width):
                             g[a, e] += ar * d[2 * e] + ai * d[2 * e + 1]
                 else:
                     _gather_slices(volumes, index, w8, mate, s, 2)
@@ -186,8 +186,8 @@ def _estep_sums(modes: int):
                     b[0] += ar * yr + ai * yi
                     g[0, 0] += ar * (c * s[0]) + ai * (c * s[1])
             for a in range(width):
-                for e in range(width):
-                    out[i, 0, a * width + e] = g[a, e]
+                for e in range(a, width):
+                    out[i, 0, a * width + e] = out[i, 0, e * width + a] = g[a, e]
                 out[i, 0, square + a] = b[a]
             out[i, 0, square + width] = yy
 
