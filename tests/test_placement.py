@@ -559,14 +559,19 @@ def test_the_buffer_pool_gives_the_smallest_fitting_free_buffer_and_keeps_a_few(
     pool.give(small, pinned=False)
     assert pool.take(50, pinned=False) is small and pool.take(50, pinned=False) is large
     assert pool.take(2000, pinned=False).nbytes == 2000  # none large enough: a new one
-    for b in (small, large, np.empty(10, np.uint8)):
+    tiny = pool.take(10, pinned=False)
+    for b in (small, large, tiny):
         pool.give(b, pinned=False)
     assert pool.take(1, pinned=False) is small and pool.take(1, pinned=False) is large  # the largest two kept
     pool.give(small, pinned=True)  # another kind of memory: not given for unpinned reads
     assert pool.take(1, pinned=False) is not small
     pool.give(large, pinned=False)
+    late = pool.take(5, pinned=False)  # taken before the run ends (a read ahead still reading)
+    assert late is large
     pool.clear()  # the end of a run
     assert pool.take(1, pinned=False) is not large
+    pool.give(late, pinned=False)  # given back after it: not kept until the next run
+    assert pool.take(1, pinned=False) is not late and not pool._free
 
 
 def test_a_store_written_without_shards_runs_with_tasks_inside_its_chunks(store, cluster, tmp_path):

@@ -18,11 +18,14 @@ import numpy as np
 
 class BufferPool:
     """Flat byte buffers, taken for a read and given back when its images have been used; `keep`
-    free ones are kept (more are left to the garbage collector)."""
+    free ones are kept (more are left to the garbage collector), until `clear`. A buffer taken
+    before a `clear` and given back after it (a read ahead that finished after its run ended) is
+    left to the garbage collector too: it would otherwise stay in page-locked memory between runs."""
 
     def __init__(self, keep: int) -> None:
         self.keep = keep
         self._free: list[tuple[np.ndarray, bool]] = []  # (buffer, page-locked)
+        self._out: set[int] = set()  # ids of the buffers taken since the last `clear` (alive: not reused)
         self._lock = threading.Lock()
 
     def take(self, nbytes: int, pinned: bool) -> np.ndarray:
@@ -32,22 +35,32 @@ class BufferPool:
             fits = [i for i, (b, p) in enumerate(self._free) if p == pinned and b.nbytes >= nbytes]
             if fits:
                 best = min(fits, key=lambda i: self._free[i][0].nbytes)
-                return self._free.pop(best)[0]
+                buffer = self._free.pop(best)[0]
+                self._out.add(id(buffer))
+                return buffer
         if pinned:
             import cupyx
 
-            return cupyx.empty_pinned((nbytes,), np.uint8)
-        return np.empty(nbytes, np.uint8)
+            buffer = cupyx.empty_pinned((nbytes,), np.uint8)
+        else:
+            buffer = np.empty(nbytes, np.uint8)
+        with self._lock:
+            self._out.add(id(buffer))
+        return buffer
 
     def clear(self) -> None:
-        """Forget the free buffers (the end of a run)."""
+        """Forget the free buffers, and those taken (the end of a run)."""
         with self._lock:
             self._free.clear()
+            self._out.clear()
 
     def give(self, buffer: np.ndarray, pinned: bool) -> None:
         """Return a buffer from `take` (nothing may use it after): kept for the next read, the
-        largest `keep` of those free."""
+        largest `keep` of those free (unless it was taken before the last `clear`)."""
         with self._lock:
+            if id(buffer) not in self._out:
+                return
+            self._out.discard(id(buffer))
             self._free.append((buffer, pinned))
             self._free.sort(key=lambda item: -item[0].nbytes)
             del self._free[self.keep :]
