@@ -57,10 +57,11 @@ for stage in "${stages[@]}"; do
         # box 128 on one core here) and imported once, into /tmp/b128, for the three runs.
         resident) bench 180 --particles 100000 --box 128 --modes 3 --iterations 20 --gpus 0 --data /tmp/b128 ;;
         # The resident run's store read as workers read it (their malloc settings, into page-locked
-        # buffers): dva's reads of its shards against zarr's, in 1 and 3 threads.
+        # buffers), in ranges of 8,192 as GPU tasks now read them: dva's reads of its shards against
+        # zarr's, in 1 and 3 threads.
         reads)
             heap=$(python3 -c "from dva.engine.cluster import _worker_heap as h; print(' '.join(f'{k}={v}' for k, v in h(None, True).items()))")
-            env $heap timeout 90 python3 tests/benchmarks/reads.py /tmp/b128/s.zarr --backend cupy | tee -a "$OUT/reads.jsonl" ;;
+            env $heap timeout 90 python3 tests/benchmarks/reads.py /tmp/b128/s.zarr --backend cupy --chunk 8192 | tee -a "$OUT/reads.jsonl" ;;
         # The same with the sweep's fastest K=3 shape, 5 iterations (a subshell: later stages keep
         # dva's own). 20 iterations' run_s ~ this run_s + 15 x its median iteration.
         tuned)
