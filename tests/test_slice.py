@@ -165,3 +165,19 @@ def test_view_order_batches_nearby_slice_planes(xp):
         return np.median(angles)
 
     assert spread(rotations) > 85 and spread(rotations[order]) < 35
+
+
+def test_compact_rows_moves_the_rows_in_place(xp, monkeypatch):
+    """`compact_rows` equals `sums[rows]` (rows across many of its blocks, the first rows kept, a
+    skipped run longer than a block), as the first rows of `sums` itself."""
+    from dva.ops import slice as slice_module
+
+    monkeypatch.setattr(slice_module, "COPY_ROWS", 256)  # many blocks
+    rng = np.random.default_rng(3)
+    sums = rng.normal(size=(5000, 3))
+    rows = np.flatnonzero(rng.random(5000) < 0.6)
+    rows = np.concatenate([np.arange(10), rows[rows > 2000]])  # a gap of ~2,000 rows
+    held = xp.asarray(sums)
+    got = slice_module.compact_rows(held, xp.asarray(rows))
+    np.testing.assert_array_equal(to_host(got), sums[rows])
+    np.testing.assert_array_equal(to_host(held[: len(rows)]), sums[rows])  # in place

@@ -16,7 +16,7 @@ import numpy as np
 
 from dva.em.chunk import Band, Chunk
 from dva.em.model import Model
-from dva.ops.slice import half_rows, view_order
+from dva.ops.slice import compact_rows, half_rows, view_order
 
 # Particles per run of nearby slice planes in `view_order` (CPU caches): with 32 instead of 128 the
 # insert pass ran 14-23% faster at box 128 (2,048-8,192 particles), 7% at box 256 (512), the same
@@ -173,5 +173,6 @@ def em_statistics(
         power = estep_insert(order, shared, band, alpha, z, sums, xp).sum(0)
         out["objective"] = float((power * model.noise_inverse).sum())  # Σ W|residual|², W = 1/σ² · multiplicity
         out["power"], out["count"] = power, band.shell_counts(n, xp)
-        out["G"], out["b"] = sums[band.rows, : len(pairs)], sums[band.rows, len(pairs) :]
+        kept = compact_rows(sums, band.rows)
+        out["G"], out["b"] = kept[:, : len(pairs)], kept[:, len(pairs) :]
     return out

@@ -12,7 +12,15 @@ import numpy as np
 
 from dva.em.chunk import Band, Chunk, band_rows, check_band_rows, half_multiplicity, half_radius, inside_band_half
 from dva.ops.filters import to_real
-from dva.ops.slice import complete_plane, gridding_correction, half_rows, insert, slice_stencil, view_order
+from dva.ops.slice import (
+    compact_rows,
+    complete_plane,
+    gridding_correction,
+    half_rows,
+    insert,
+    slice_stencil,
+    view_order,
+)
 
 MEAN_TAU = 1e-3  # τ as a fraction of the shell's mean denominator
 BATCH = 128  # particles per vectorised step on CPU workers (their cache), for one group
@@ -63,7 +71,7 @@ def mean_statistics(chunk: Chunk, band: Band, scale: str, xp: ModuleType = np, w
         minlength=band.shells,
     )
     count = band.shell_counts(len(chunk.y), xp)
-    sums = sums[band.rows].T.reshape(groups, 3, len(band.rows))
+    sums = compact_rows(sums, band.rows).T.reshape(groups, 3, len(band.rows))
     return {"num": sums[:, :2], "den": sums[:, 2], "power": power, "count": count}
 
 

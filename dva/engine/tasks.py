@@ -259,8 +259,8 @@ def held(function: Callable, key: str, index: int, *args) -> dict:
                 part = out.pop(name)
                 if name in sums:
                     sums[name] += part
-                else:
-                    sums[name] = part
+                else:  # a copy: the task's sums may be a view of its whole accumulator (`compact_rows`)
+                    sums[name] = part.copy()
         tasks.append(index)
     return out
 
