@@ -78,10 +78,10 @@ def inside_band_half(box: int, xp: ModuleType = np):
 def band_rows(box: int, xp: ModuleType = np):
     """The rows `(R,)` of the half spectra in the shells the band reaches (|k| rounded to at most
     `box//2 − 1` pixels), sorted: the only rows the solves read (`inside_band_half` and the means
-    of its shells), so a task's M-step and mean statistics are copied out of its accumulator (still
-    every row) at these alone, and held on the worker, summed and sent so: 52% of the rows at box 128
-    (52 instead of 100 MB of M-step sums per worker and pass at K = 3), 2.6 instead of 5.0 GB at
-    box 256, K = 10. Each row's mirror (`completed_rows`) is among them."""
+    of its shells), so a task's M-step and mean statistics at these alone are moved to the front of
+    its accumulator (which spans every row; `compact_rows`), and held on the worker, summed and sent
+    so: 52% of the rows at box 128 (52 instead of 100 MB of M-step sums per worker and pass at K = 3),
+    2.6 instead of 5.0 GB at box 256, K = 10. Each row's mirror (`completed_rows`) is among them."""
     return xp.flatnonzero(xp.rint(half_radius(box, xp)) <= box // 2 - 1)
 
 
