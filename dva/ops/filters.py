@@ -6,7 +6,7 @@ from types import ModuleType
 
 import numpy as np
 
-from dva.ops.fourier import fft
+from dva.ops.fourier import fft, volume_threads
 
 
 def radius_3d(box: int, xp: ModuleType = np):
@@ -30,7 +30,7 @@ def half_spectrum(volume, xp: ModuleType = np):
     of the centred layout `fftshift(fftn(ifftshift(vol)))` (`[z, y, x − D//2]`, kx = 0 … D/2 − 1;
     the rest is its conjugate mirror), by `rfftn` (half the work of `fftn`)."""
     transforms = fft(xp)
-    half = transforms.rfftn(transforms.ifftshift(volume))[..., : volume.shape[-1] // 2]
+    half = transforms.rfftn(transforms.ifftshift(volume), **volume_threads(xp))[..., : volume.shape[-1] // 2]
     return transforms.fftshift(half, axes=(0, 1))
 
 
@@ -41,7 +41,7 @@ def to_real(half, xp: ModuleType = np):
     box, transforms = half.shape[0], fft(xp)
     spectrum = xp.zeros((box, box, box // 2 + 1), dtype=xp.result_type(half.dtype, xp.complex64))
     spectrum[..., : box // 2] = transforms.ifftshift(half, axes=(0, 1))
-    return transforms.fftshift(transforms.irfftn(spectrum, s=(box, box, box), axes=(0, 1, 2)))
+    return transforms.fftshift(transforms.irfftn(spectrum, s=(box, box, box), axes=(0, 1, 2), **volume_threads(xp)))
 
 
 def filter_real(volume, filt, xp: ModuleType = np):
@@ -51,4 +51,5 @@ def filter_real(volume, filt, xp: ModuleType = np):
     `ifftshift` before and `fftshift` after (each a copy of it; at box 256 a third of the time)."""
     transforms = fft(xp)
     half = transforms.ifftshift(filt)[..., : volume.shape[-1] // 2 + 1]
-    return transforms.irfftn(transforms.rfftn(volume) * half, s=volume.shape, axes=(0, 1, 2))
+    threads = volume_threads(xp)
+    return transforms.irfftn(transforms.rfftn(volume, **threads) * half, s=volume.shape, axes=(0, 1, 2), **threads)

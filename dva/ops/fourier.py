@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from types import ModuleType
 
 import numpy as np
@@ -17,6 +18,13 @@ def fft(xp: ModuleType = np) -> ModuleType:
 
         return scipy.fft
     return xp.fft
+
+
+def volume_threads(xp: ModuleType = np) -> dict:
+    """Keyword arguments for `fft(xp)`'s transforms of whole volumes: every core for NumPy (those
+    are the driver's, its M-step and models, run while the workers wait: the M-step at box 128, K = 3
+    took 0.29 instead of 0.35 s on 2 cores), none for CuPy."""
+    return {"workers": os.cpu_count() or 1} if xp is np else {}
 
 
 def fourier_crop(a, new_box: int, *, ndim: int = 2, xp: ModuleType = np):
