@@ -21,10 +21,13 @@ def fft(xp: ModuleType = np) -> ModuleType:
 
 
 def volume_threads(xp: ModuleType = np) -> dict:
-    """Keyword arguments for `fft(xp)`'s transforms of whole volumes: every core for NumPy (those
-    are the driver's, its M-step and models, run while the workers wait: the M-step at box 128, K = 3
-    took 0.29 instead of 0.35 s on 2 cores), none for CuPy."""
-    return {"workers": os.cpu_count() or 1} if xp is np else {}
+    """Keyword arguments for `fft(xp)`'s transforms of whole volumes: every core this process may
+    run on for NumPy (those are the driver's, its M-step and models, run while the workers wait:
+    the M-step at box 128, K = 3 took 0.31 instead of 0.35 s on 2 cores), none for CuPy."""
+    if xp is not np:
+        return {}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"workers": cores or 1}
 
 
 def fourier_crop(a, new_box: int, *, ndim: int = 2, xp: ModuleType = np):
