@@ -85,13 +85,6 @@ def band_rows(box: int, xp: ModuleType = np):
     return xp.flatnonzero(xp.rint(half_radius(box, xp)) <= box // 2 - 1)
 
 
-def check_band_rows(count: int, rows, box: int) -> None:
-    """Raise unless sums have `count` = `len(rows)` rows, one per band row (`band_rows`): the solves
-    index them unchecked, and sums of the whole half spectra would solve, wrong, without an error."""
-    if count != len(rows):
-        raise ValueError(f"sums have {count} rows, not the {len(rows)} band rows of box {box}")
-
-
 def make_band(box: int, xp: ModuleType = np) -> Band:
     """Every pixel of the `box`² rfft2 half-plane with |k| ≤ (box//2 − 1)/box cycles/pixel, in the
     layout's order (and the rows of the half spectra its statistics are kept on)."""

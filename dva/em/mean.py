@@ -10,7 +10,7 @@ from types import ModuleType
 
 import numpy as np
 
-from dva.em.chunk import Band, Chunk, band_rows, check_band_rows, half_multiplicity, half_radius, inside_band_half
+from dva.em.chunk import Band, Chunk, band_rows, half_multiplicity, half_radius, inside_band_half
 from dva.ops.filters import to_real
 from dva.ops.slice import (
     compact_rows,
@@ -90,8 +90,6 @@ def solve_mean(num, den, box: int, xp: ModuleType = np) -> np.ndarray:
     """A volume `(D, D, D)` float32 (real space, map units, gridding-corrected) from one group's summed
     numerator `(2, R)` and denominator `(R,)` on the band's rows of the half spectra (`band_rows`)."""
     rows = band_rows(box, xp)
-    check_band_rows(den.shape[-1], rows, box)
-    check_band_rows(num.shape[-1], rows, box)
     num = complete_plane(num[:1], rows, box, 1.0, xp)[0] + 1j * complete_plane(num[1:], rows, box, -1.0, xp)[0]
     den = complete_plane(den[None], rows, box, 1.0, xp)[0]
     tau = MEAN_TAU * shell_mean(den, rows, box, xp) + 1e-30

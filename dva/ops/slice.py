@@ -119,8 +119,6 @@ def complete_plane(channels, stored, box: int, sign: float, xp: ModuleType = np)
     on the full grid, on the half.
 
     `sign` is +1 for real parts (and real channels) and −1 for imaginary parts."""
-    if channels.shape[1] != len(stored):
-        raise ValueError(f"complete_plane: sums of {channels.shape[1]} rows, not the {len(stored)} stored")
     return completed_rows(channels.T, xp.arange(len(stored)), stored, box, sign, xp)
 
 
@@ -144,7 +142,10 @@ def completed_rows(sums, rows, stored, box: int, sign: float, xp: ModuleType = n
     the half spectra's rows `stored` (sorted: `dva.em.chunk.band_rows`, or every row), and their
     channels `(C, len(rows))` at the positions `rows` (the half spectra's rows `stored[rows]`), those
     on the kx = 0 plane with `sign`× the sums of their mirror `(−z, −y)` added (`complete_plane` at
-    every row). The mirrors must be stored too."""
+    every row). The mirrors must be stored too. Sums of another number of rows are refused: the
+    rows are indexed unchecked (sums of the whole half spectra would read, wrong, without an error)."""
+    if sums.shape[0] != len(stored):
+        raise ValueError(f"sums of {sums.shape[0]} rows, not the {len(stored)} stored (box {box})")
     out = xp.empty((sums.shape[1], len(rows)), dtype=sums.dtype)
     for lo in range(0, len(rows), COPY_ROWS):  # in blocks: 0.4 s instead of 1.0-1.4 at box 256 (NumPy)
         out[:, lo : lo + COPY_ROWS] = sums[rows[lo : lo + COPY_ROWS]].T
