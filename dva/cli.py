@@ -33,7 +33,10 @@ Scheduler = Annotated[
     str | None,
     typer.Option(help="Address of a running dask scheduler (tcp://… or tls://…; or DASK_SCHEDULER_ADDRESS)."),
 ]
-Workers = Annotated[int | None, typer.Option(help="Workers of the embedded CPU cluster (default: one per core).")]
+Workers = Annotated[
+    int | None,
+    typer.Option(help="Workers of the embedded CPU cluster (default: one per core this process may run on)."),
+]
 Gpus = Annotated[str | None, typer.Option(help="GPUs of the embedded cluster (e.g. 0,1), or none for CPU.")]
 MemoryLimit = Annotated[str | None, typer.Option(help="Memory limit per worker of the embedded cluster (e.g. 8GB).")]
 TlsCaFile = Annotated[Path | None, typer.Option(help="TLS: the CA certificate (PEM) of the scheduler's cluster.")]

@@ -175,6 +175,24 @@ def test_embedded_workers_keep_large_temporaries_off_mmap(memory_limit, gpu, mon
     assert started == restarted == (str(MMAP_THRESHOLD), str(trim), "1" if gpu else "0")
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity to set here")
+def test_embedded_cpu_workers_are_the_cores_this_process_may_run_on():
+    """One worker per core of the process's affinity (a SLURM allocation, a container's quota), not
+    per core of the machine."""
+    from dva.engine.cluster import connect
+
+    cores = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cores)})
+    try:
+        cluster = connect(gpus="none")
+        try:
+            assert len(cluster.client.ncores()) == 1
+        finally:
+            cluster.close()
+    finally:
+        os.sched_setaffinity(0, cores)
+
+
 _THREADED_READS = """
 import ctypes, resource, sys
 from concurrent.futures import ThreadPoolExecutor

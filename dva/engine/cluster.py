@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dask
+from dask.system import cpu_count
 from distributed import Client, LocalCluster
 from distributed.security import Security
 
@@ -170,8 +171,9 @@ def connect(
 ) -> Cluster:
     """Join `scheduler` (or `DASK_SCHEDULER_ADDRESS`), else start a LocalCUDACluster when GPUs are
     visible (all, or the comma-separated `gpus`; `gpus="none"` forces CPU), else a LocalCluster of
-    `workers` single-threaded processes (default: one per core). `memory_limit` ("8GB") is per
-    worker of an embedded cluster; `security` is TLS to a running scheduler.
+    `workers` single-threaded processes (default: one per core this process may run on, its
+    affinity and cgroup quota: `dask.system.cpu_count`). `memory_limit` ("8GB") is per worker of
+    an embedded cluster; `security` is TLS to a running scheduler.
 
     On a running cluster the workers use CuPy when every one of them sees a GPU (and `gpus` is not
     "none"); this waits for the first worker to join."""
@@ -205,7 +207,7 @@ def connect(
     heap = _worker_heap(memory_limit, gpu=False)
     with dask.config.set({**EMBEDDED, **_respawn(heap)}), _environ(heap), _workers_ignore_ctrl_c():
         local = LocalCluster(
-            n_workers=workers or os.cpu_count() or 1,
+            n_workers=workers or cpu_count(),
             threads_per_worker=1,
             processes=True,
             memory_limit=memory_limit or "auto",

@@ -8,7 +8,6 @@ astigmatism) is applied in Fourier space and white Gaussian noise is added at th
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from dask.system import cpu_count
 
 from dva.io.atomic import atomic_path
 from dva.io.cs import write_cs
@@ -128,7 +128,7 @@ def _batches(phantom, d: Draws, n: int, sigma: float, seed: int) -> Iterator[np.
     most `cores + 2` batches in flight."""
     batch = max(1, min(BATCH, BATCH_PIXELS // (phantom.box * phantom.box)))
     rows = [slice(start, min(start + batch, n)) for start in range(0, n, batch)]
-    cores = max(1, min(len(rows), os.cpu_count() or 1))
+    cores = max(1, min(len(rows), cpu_count()))
     with ThreadPoolExecutor(cores) as pool:
         pending: deque = deque()
         for part in rows:
