@@ -91,11 +91,14 @@ def test_components_are_orthonormal_and_ordered(result):
     assert result.metrics[-1]["subspace_change_deg"] < result.metrics[0]["subspace_change_deg"]
 
 
-def test_principal_axes_keep_the_volumes_and_sort():
+def test_principal_axes_keep_the_volumes_and_sort(xp):
+    from dva.engine.tasks import to_numpy
+
     rng = np.random.default_rng(0)
     comps = rng.normal(size=(3, 4, 4, 4))
     z = rng.normal(size=(500, 3)) * [0.5, 3.0, 1.0]
-    rotated, coords, variances = principal_axes(comps, z, np.zeros((3, 3)))
+    axes = principal_axes(xp.asarray(comps), xp.asarray(z), np.zeros((3, 3)), xp)
+    rotated, coords, variances = (to_numpy(a) for a in axes)
     before = z @ comps.reshape(3, -1)
     after = coords @ rotated.reshape(3, -1)
     np.testing.assert_allclose(after, before, atol=1e-9)

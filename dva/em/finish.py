@@ -13,13 +13,14 @@ def principal_axes(components, z, noise_cov, xp: ModuleType = np):
     The volumes `Σ_k z_ik V_k` are unchanged. The axes are those of the coordinates' covariance
     less `noise_cov` (K×K, the mean E-step error covariance), so noise in z does not reorder
     them. Returns orthonormal components sorted by that variance (largest first), the
-    coordinates, and the variances. Sign rule: each component's largest-|value| voxel is positive.
+    coordinates, and the variances, as `xp` arrays. Sign rule: each component's largest-|value|
+    voxel is positive.
     """
     k = components.shape[0]
     flat = components.reshape(k, -1).astype(xp.float64)
     q, r = xp.linalg.qr(flat.T)  # flat = rᵀ qᵀ
     zq = z.astype(xp.float64) @ r.T
-    cov = zq.T @ zq / max(len(zq), 1) - r @ noise_cov @ r.T
+    cov = zq.T @ zq / max(len(zq), 1) - r @ xp.asarray(noise_cov, dtype=xp.float64) @ r.T
     variances, vecs = xp.linalg.eigh(cov)
     order = xp.argsort(variances)[::-1]
     variances, vecs = variances[order], vecs[:, order]
