@@ -37,9 +37,11 @@ def _peak_rss_mb() -> float:
 
 
 def dataset(folder: Path, particles: int, box: int, chunk_size: int | None) -> tuple[Path, Path]:
-    """The simulated dataset (`sim/`) and its imported store (`s.zarr`) in `folder`, made there
-    unless a finished pair for the same particles, box and chunk size already is (`bench.json`,
-    written last): a resident and a streamed run, or runs on other clusters, share one dataset."""
+    """The simulated dataset (`sim/`: its metadata and mask; the image stack is deleted once
+    imported, halving the disk it takes: 6.6 GB kept for 100k particles of box 128) and its
+    imported store (`s.zarr`) in `folder`, made there unless a finished pair for the same
+    particles, box and chunk size already is (`bench.json`, written last): a resident and a
+    streamed run, or runs on other clusters, share one dataset."""
     key = {"particles": particles, "box": box, "chunk_size": chunk_size, "seed": 0}
     marker, sim, store = folder / "bench.json", folder / "sim", folder / "s.zarr"
     if marker.exists() and json.loads(marker.read_text()) == key:
@@ -50,6 +52,7 @@ def dataset(folder: Path, particles: int, box: int, chunk_size: int | None) -> t
     folder.mkdir(parents=True, exist_ok=True)
     simulate_dataset(sim, "small", particles=particles, box=box, seed=0, truth=False)
     import_particles(read_star(sim / "particles.star"), store, chunk_size=chunk_size)
+    (sim / "particles.mrcs").unlink()
     with atomic_path(marker) as tmp:
         tmp.write_text(json.dumps(key))
     return sim, store

@@ -12,9 +12,9 @@
 # and its mean's pass over 115. Run them all in one call of 600 s: what the
 # stages finish is kept ($OUT is written as they go), the last ones are the first to be cut (onhost
 # and tuned measured what they measure on 2026-11-27: 93% of resident, 5% faster launches, since
-# adopted), and the lease pays for one start, not two (a fresh machine simulates its data again; the
-# smalltasks, streamed and reads stages reuse the resident stage's /tmp/b128, which box256 deletes
-# first for disk: onhost and tuned after it make it again, ~32 s).
+# adopted), and the lease pays for one start, not two (a fresh machine simulates its data again).
+# Every 100k-particle stage reuses the resident stage's /tmp/b128 (its store, 6.6 GB: `dva bench`
+# deletes the simulated stack once imported; box256's /tmp/b256 is 13 GB of the 64 GB disk).
 #
 # Here first (PyPI reachable): `bash ../shared/gpu/fetch-wheels.sh` (dask, distributed, dask-cuda,
 # zarr, mrcfile, starfile and their needs, ~19 MiB). The GPU image already holds dva's other
@@ -54,7 +54,7 @@ for stage in "${stages[@]}"; do
             timeout 30 python3 tests/benchmarks/kernels.py --box 128 --modes 3 --particles 2048 --no-sweep \
                 | tee -a "$OUT/kernels.jsonl" ;;
         # The 100k-particle dataset is simulated (one thread per core: ~0.65 s per 1,024 images of
-        # box 128 on one core here) and imported once, into /tmp/b128, for the three runs.
+        # box 128 on one core here) and imported once, into /tmp/b128, for every 100k-particle stage.
         resident) bench 180 --particles 100000 --box 128 --modes 3 --iterations 20 --gpus 0 --data /tmp/b128 ;;
         # The resident run's store read as workers read it (their malloc settings, into page-locked
         # buffers), in ranges of 8,192 as GPU tasks now read them: dva's reads of its shards against
@@ -77,7 +77,7 @@ for stage in "${stages[@]}"; do
         streamed) bench 90 --particles 100000 --box 128 --modes 3 --iterations 5 --gpus 0 --streamed --data /tmp/b128 ;;
         # Its floor is 10.6 s per iteration (7.6e11 scatter-adds at the float32 ceiling; dva adds in
         # float64): 2 iterations, each one's time in bench.log as it ends, the peak memory at the end.
-        box256) rm -rf /tmp/b128; bench 240 --particles 50000 --box 256 --modes 10 --iterations 2 --gpus 0 ;;
+        box256) bench 240 --particles 50000 --box 256 --modes 10 --iterations 2 --gpus 0 --data /tmp/b256 ;;
         # The resident run with the tasks of one 2,048-particle shard each that GPU workers took before
         # they took up to 512 MB (14 tasks of ~7,143 particles here instead of 50): is the default faster?
         smalltasks) (export DVA_GPU_TASK_MB=128; bench 90 --particles 100000 --box 128 --modes 3 --iterations 5 --gpus 0 --data /tmp/b128) ;;
