@@ -126,7 +126,7 @@ def test_the_job_on_the_gpu_backend_equals_the_numpy_job(store, cluster, gpu_clu
     got = run_3dva(path, mask, PARAMS, on_gpu, resident_bytes=2 * one_chunk, host_bytes=one_chunk)
     at_end = device._MemoryPool.live_at_free[-4:]  # the workers' frees when the run released its chunks
     assert 0 < got.host_particles < got.resident_particles < 600
-    for on_device, on_host in on_gpu.client.run(_memory_budget, "cupy").values():  # what workers keep by default
+    for on_device, on_host, _ in on_gpu.client.run(_memory_budget, "cupy").values():  # what workers keep by default
         assert on_device > 0 and on_host > 0
     if tolerance < 1e-4:  # the stand-in: two workers, each 4 tasks of 75 particles (2 on the device, 1 on the host)
         assert (got.resident_particles, got.host_particles) == (450, 150)

@@ -25,6 +25,12 @@ ORDER_RUN = 32
 ALPHA_RANGE = (0.1, 10.0)  # optimal per-particle scales are clipped to this range
 
 
+def mstep_channels(modes: int) -> int:
+    """Channels of a task's M-step sums: G's K(K+1)/2 pairs (`pair_index`), then b's K real and K
+    imaginary parts."""
+    return modes * (modes + 1) // 2 + 2 * modes
+
+
 def pair_index(k: int) -> list[tuple[int, int]]:
     """The (a, b) pairs with a ≤ b of a symmetric K×K matrix, in the order of the G channels."""
     return [(a, b) for a in range(k) for b in range(a, k)]
@@ -169,7 +175,7 @@ def em_statistics(
         "baseline": float((data - 2 * alpha * proj[:, 0] + alpha**2 * gram[:, 0, 0]).sum()),  # Σ W|r|²
     }
     if statistics:
-        sums = xp.zeros((half_rows(band.box), len(pairs) + 2 * k))
+        sums = xp.zeros((half_rows(band.box), mstep_channels(k)))
         power = estep_insert(order, shared, band, alpha, z, sums, xp).sum(0)
         out["objective"] = float((power * model.noise_inverse).sum())  # Σ W|residual|², W = 1/σ² · multiplicity
         out["power"], out["count"] = power, band.shell_counts(n, xp)

@@ -18,6 +18,7 @@ from types import ModuleType
 import numpy as np
 
 from dva.em.chunk import BAND_TOLERANCE, filter_pixels, make_band
+from dva.em.estep import mstep_channels
 from dva.em.finish import principal_axes, subspace_angle_deg
 from dva.em.mean import noise_from_power, solve_mean
 from dva.em.model import Model, fourier_stack, scale_prior
@@ -31,6 +32,7 @@ from dva.io.mask import load_mask
 from dva.io.store import open_store, store_location, task_limits
 from dva.ops.filters import filter_real
 from dva.ops.fsc import fsc, resolution_A
+from dva.ops.slice import sums_bytes
 
 EPS = 0.01  # E-step ridge, relative to tr(G_i)/K
 
@@ -265,14 +267,20 @@ def run_3dva(
     filt = band_filter(
         box, pixel, params.filter_res_A, params.filter_order, params.highpass_res_A, params.highpass_order
     )
-    pixels = filter_pixels(make_band(box), filt, params.band_tolerance)
+    band = make_band(box)
+    pixels = filter_pixels(band, filt, params.band_tolerance)
     identity = _identity(store, n, params)
     saved = resume_point(checkpoint, store, params) if resume else None
     client, backend = cluster.client, cluster.backend
     driver = driver_module(cluster)
     mask_on_driver, filt_on_driver = driver.asarray(mask), driver.asarray(filt)
     chunk, aligned = task_limits(images, backend)
-    placement = place_chunks(client, store, n, chunk, box, backend, resident_bytes, aligned, host_bytes)
+    sums = (  # the mean's pass has 3 channels
+        sums_bytes(box, len(band.rows), max(3, mstep_channels(params.modes))),
+        f"the M-step's sums of {params.modes} modes",
+        "a smaller --box or fewer --modes",
+    )
+    placement = place_chunks(client, store, n, chunk, box, backend, resident_bytes, aligned, host_bytes, sums)
     try:
         metrics: list[dict] = []
         if saved is None:

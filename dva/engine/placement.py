@@ -261,20 +261,24 @@ def deal_tasks(n: int, chunk: int, workers: int, aligned: bool = True) -> tuple[
     return ranges, owners
 
 
-def _memory_budget(backend: str, dask_worker=None) -> tuple[int | None, int]:
+def _memory_budget(backend: str, reserve: int = 0, dask_worker=None) -> tuple[int | None, int, int | None]:
     """Bytes of prepared chunks this worker may keep where its tasks run (its GPU's memory on GPU
     workers, else its host memory; None: no limit known) and, on GPU workers with a memory limit,
-    in their host memory besides (else 0): a fraction of the memory it has left in each."""
+    in their host memory besides (else 0): a fraction of the memory it has left in each, less
+    `reserve` (a pass's sums) where its tasks run; and the memory it has left there (None: no limit
+    known)."""
     forget_run(backend)  # what an earlier or failed run left (page-locked memory would count as used)
     limit = dask_worker.memory_manager.memory_limit
     used = psutil.Process().memory_info().rss  # the worker's own start-up (libraries, buffers)
-    host = max(0, int(RESIDENT_FRACTION * (limit - used))) if limit else None
+    left = max(0, limit - used) if limit else None
+    host = int(RESIDENT_FRACTION * left) if left is not None else None
     if backend == "cupy":
         import cupy
 
+        free = cupy.cuda.runtime.memGetInfo()[0]
         # No host tier without a memory limit: workers sharing a node would each lock 40% of it.
-        return int(RESIDENT_FRACTION * cupy.cuda.runtime.memGetInfo()[0]), host or 0
-    return host, 0
+        return int(RESIDENT_FRACTION * max(0, free - reserve)), host or 0, free
+    return (None if left is None else int(RESIDENT_FRACTION * max(0, left - reserve))), 0, left
 
 
 def place_chunks(
@@ -287,14 +291,17 @@ def place_chunks(
     resident_bytes: int | None = None,
     aligned: bool = True,
     host_bytes: int | None = None,
+    sums: tuple[int, str, str] = (0, "", "a smaller --box"),
 ) -> Placement:
     """Deal the first `n` particles of `store` to the workers and start reading the chunks they keep.
 
     Tasks take at most `chunk` particles, within the store's chunks when `aligned` (see
     `store.task_limits`). `resident_bytes` caps the prepared chunks kept per worker where its tasks
     run, `host_bytes` those a GPU worker keeps in its host memory besides (default: from each
-    worker's memory). First checks that every worker can open the store, and names it when one
-    cannot."""
+    worker's memory, less the `sums` a pass needs: bytes per worker, what they are, and the options
+    that make them smaller). First
+    checks that every worker can open the store and has the memory for those sums, and names one
+    that cannot or has not."""
     client.wait_for_workers(1)
     failures = {w: e for w, e in client.run(store_error, store).items() if e is not None}
     if failures:
@@ -305,10 +312,20 @@ def place_chunks(
         )
     addresses = sorted(client.ncores())  # asks the scheduler now (scheduler_info() may be stale)
     # Also when both budgets are given: each worker forgets what an earlier run left (`forget_run`).
-    measured = client.run(_memory_budget, backend)
+    reserve, what, smaller = sums
+    measured = client.run(_memory_budget, backend, reserve)
+    short = sorted((left, w) for w, (_, _, left) in measured.items() if left is not None and left < reserve)
+    if short:
+        left, worker = short[0]
+        where = "free on its GPU" if backend == "cupy" else "left under its memory limit"
+        raise DvaInputError(
+            f"a pass at box {box} needs {reserve / 1e9:.1f} GB per worker for {what}, and worker {worker} has "
+            f"{left / 1e9:.1f} GB {where}: give each worker more memory (fewer --workers, a larger "
+            f"--memory-limit), or use {smaller}"
+        )
     budgets = {}  # per worker: bytes to keep where its tasks run, and in host memory besides
     for w in addresses:
-        device, host = measured.get(w, (None, 0))
+        device, host, _ = measured.get(w, (None, 0, None))
         if resident_bytes is not None:
             device = resident_bytes
         if host_bytes is not None:

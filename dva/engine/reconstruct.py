@@ -10,11 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
+from dva.em.chunk import band_rows
 from dva.engine.cluster import Cluster
 from dva.engine.loop import driver_module, mean_volume, release_driver
 from dva.engine.placement import place_chunks
 from dva.engine.tasks import mean_partial
 from dva.io.store import open_store, store_location, task_limits
+from dva.ops.slice import sums_bytes
 
 MAX_GROUPS = 32  # subsets per pass (each task holds 3·G volumes of float64)
 
@@ -29,7 +31,13 @@ def reconstruct_subsets(
     client, backend = cluster.client, cluster.backend
     driver = driver_module(cluster)  # its GPU solves the volumes where it has one
     chunk, aligned = task_limits(images, backend)
-    placement = place_chunks(client, store, len(weights), chunk, box, backend, aligned=aligned)
+    groups = min(weights.shape[1], MAX_GROUPS)
+    sums = (
+        sums_bytes(box, len(band_rows(box)), 3 * groups),
+        f"the sums of {groups} particle subsets at once",
+        "a run at a smaller --box",
+    )
+    placement = place_chunks(client, store, len(weights), chunk, box, backend, aligned=aligned, sums=sums)
     volumes = []
     try:
         for lo in range(0, weights.shape[1], MAX_GROUPS):
