@@ -190,6 +190,22 @@ def test_subset_reconstructions_on_the_gpu_backend_equal_numpys(store, cluster, 
     np.testing.assert_allclose(got, want, rtol=0, atol=tolerance * abs(want).max())
 
 
+def test_subsets_are_reconstructed_in_as_many_passes_as_memory_needs(store, cluster, monkeypatch):
+    """Subsets per pass: `MAX_GROUPS` with memory to spare or none known, as many as 3/4 of the
+    spare memory holds the sums of, at least one; split over passes, the same volumes."""
+    from dva.em.chunk import band_rows
+    from dva.engine import reconstruct
+
+    rows = len(band_rows(256))
+    one = 8 * 3 * (256 * 256 * 128 + rows)  # float64 (re, im, den): the accumulator and the held rows
+    assert [reconstruct.subsets_per_pass(s, 256, rows) for s in (None, 10**13, 0, one, 4 * one)] == [32, 32, 1, 1, 3]
+    weights = np.random.default_rng(5).random((600, 5))
+    whole = reconstruct.reconstruct_subsets(store[0], weights, 32, "input", 1.0, cluster)
+    monkeypatch.setattr(reconstruct, "subsets_per_pass", lambda spare, box, rows: 2)
+    split = reconstruct.reconstruct_subsets(store[0], weights, 32, "input", 1.0, cluster)
+    np.testing.assert_allclose(split, whole, rtol=0, atol=1e-6 * np.abs(whole).max())  # float32 volumes
+
+
 def test_cpu_workers_keep_no_chunks_in_a_host_tier(store, cluster):
     """A host tier is for GPU workers (whose tasks run in device memory); CPU workers' host memory
     is where their tasks run, so what does not fit there is streamed."""

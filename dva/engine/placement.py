@@ -53,13 +53,15 @@ RESIDENT_FRACTION = 0.4  # of the memory a worker has left under its limit (host
 class Placement:
     """Per task: its particle range, where its chunk is read from, its chunk as the tasks take it
     (a future of the chunk kept on its worker, or the `ChunkSource` itself when streamed every
-    pass), its worker, and whether a kept chunk is kept in the host memory of a GPU worker."""
+    pass), its worker, and whether a kept chunk is kept in the host memory of a GPU worker; and
+    what memory the workers have to spare for a pass's sums."""
 
     ranges: list[tuple[int, int]]
     chunks: list[ChunkSource]
     sources: list[Future | ChunkSource]
     workers: list[str]
     on_host: list[bool]
+    spare: int | None = None  # least memory a worker has where its tasks run, beside its kept chunks
 
     @property
     def resident(self) -> int:
@@ -350,7 +352,8 @@ def place_chunks(
         _load(client, replace(source, following=loads[i]), workers[i], on_host[i], i) if kept[i] else source
         for i, source in enumerate(chunks)
     ]
-    placement = Placement(ranges, chunks, sources, workers, on_host)
+    lefts = [measured[w][2] - used[w][0] for w in addresses if w in measured and measured[w][2] is not None]
+    placement = Placement(ranges, chunks, sources, workers, on_host, min(lefts) if lefts else None)
     placement.link()
     return placement
 

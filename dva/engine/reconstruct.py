@@ -18,7 +18,19 @@ from dva.engine.tasks import mean_partial
 from dva.io.store import open_store, store_location, task_limits
 from dva.ops.slice import sums_bytes
 
-MAX_GROUPS = 32  # subsets per pass (each task holds 3·G volumes of float64)
+MAX_GROUPS = 32  # subsets per pass at most (each task holds 3·G volumes of float64)
+SUMS_SHARE = (
+    0.75  # of the memory a worker has to spare, what its subsets' sums may take (the rest: its task's own arrays)
+)
+
+
+def subsets_per_pass(spare: int | None, box: int, rows: int) -> int:
+    """Subsets reconstructed in one pass: as many, up to `MAX_GROUPS`, as `SUMS_SHARE` of the
+    workers' `spare` memory (bytes; None: unknown) holds the sums of (`sums_bytes`, 3 channels
+    each, at `rows` rows of the half spectra), and at least one. Box 256: 0.31 GB a subset."""
+    if spare is None:
+        return MAX_GROUPS
+    return max(1, min(MAX_GROUPS, int(SUMS_SHARE * spare) // sums_bytes(box, rows, 3)))
 
 
 def reconstruct_subsets(
@@ -31,17 +43,14 @@ def reconstruct_subsets(
     client, backend = cluster.client, cluster.backend
     driver = driver_module(cluster)  # its GPU solves the volumes where it has one
     chunk, aligned = task_limits(images, backend)
-    groups = min(weights.shape[1], MAX_GROUPS)
-    sums = (
-        sums_bytes(box, len(band_rows(box)), 3 * groups),
-        f"the sums of {groups} particle subsets at once",
-        "a run at a smaller --box",
-    )
-    placement = place_chunks(client, store, len(weights), chunk, box, backend, aligned=aligned, sums=sums)
+    rows = len(band_rows(box))
+    one = (sums_bytes(box, rows, 3), "the sums of a particle subset", "a run at a smaller --box")
+    placement = place_chunks(client, store, len(weights), chunk, box, backend, aligned=aligned, sums=one)
+    per_pass = subsets_per_pass(placement.spare, box, rows)
     volumes = []
     try:
-        for lo in range(0, weights.shape[1], MAX_GROUPS):
-            part = np.ascontiguousarray(weights[:, lo : lo + MAX_GROUPS], dtype=np.float64)
+        for lo in range(0, weights.shape[1], per_pass):
+            part = np.ascontiguousarray(weights[:, lo : lo + per_pass], dtype=np.float64)
             per_task = [part[a:b] for a, b in placement.ranges]
             stats = placement.map(client, mean_partial, box, scale, backend, per_task=per_task)
             volumes += [mean_volume(stats, g, box, driver) * data_sign for g in range(part.shape[1])]
