@@ -89,11 +89,13 @@ def test_bench_data_is_made_once_and_reused(tmp_path):
 
     from dva.engine.bench import dataset
 
-    sim, store = dataset(tmp_path, 300, 32, None)
+    said = []
+    sim, store = dataset(tmp_path, 300, 32, None, said.append)
     marker = store / "zarr.json"
     first = marker.stat().st_mtime_ns
     assert not (sim / "particles.mrcs").exists() and (sim / "mask.mrc").exists()
-    assert dataset(tmp_path, 300, 32, None) == (sim, store) and marker.stat().st_mtime_ns == first
+    assert dataset(tmp_path, 300, 32, None, said.append) == (sim, store) and marker.stat().st_mtime_ns == first
+    assert len(said) == 1 and said[0].startswith("simulated in ") and "(0.00 GB of images)" in said[0]
     assert not (sim / "truth").exists()  # a benchmark needs no true volumes
     dataset(tmp_path, 200, 32, None)
     assert zarr.open_group(store, mode="r")["images"].shape == (200, 32, 32)  # the 200-particle store replaced it

@@ -36,12 +36,15 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def dataset(folder: Path, particles: int, box: int, chunk_size: int | None) -> tuple[Path, Path]:
+def dataset(
+    folder: Path, particles: int, box: int, chunk_size: int | None, say: Callable[[str], None] = lambda line: None
+) -> tuple[Path, Path]:
     """The simulated dataset (`sim/`: its metadata and mask; the image stack is deleted once
     imported, halving the disk it takes: 6.6 GB kept for 100k particles of box 128) and its
     imported store (`s.zarr`) in `folder`, made there unless a finished pair for the same
     particles, box and chunk size already is (`bench.json`, written last): a resident and a
-    streamed run, or runs on other clusters, share one dataset."""
+    streamed run, or runs on other clusters, share one dataset. `say` gets a line with the time
+    each step of making it took."""
     key = {"particles": particles, "box": box, "chunk_size": chunk_size, "seed": 0}
     marker, sim, store = folder / "bench.json", folder / "sim", folder / "s.zarr"
     if marker.exists() and json.loads(marker.read_text()) == key:
@@ -50,8 +53,12 @@ def dataset(folder: Path, particles: int, box: int, chunk_size: int | None) -> t
     for made in (sim, store):  # a half-made or other dataset of ours
         shutil.rmtree(made, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
     simulate_dataset(sim, "small", particles=particles, box=box, seed=0, truth=False)
+    t1 = time.perf_counter()
     import_particles(read_star(sim / "particles.star"), store, chunk_size=chunk_size)
+    gb = particles * box * box * 4 / 1e9
+    say(f"simulated in {t1 - t0:.1f} s, imported in {time.perf_counter() - t1:.1f} s ({gb:.2f} GB of images)")
     (sim / "particles.mrcs").unlink()
     with atomic_path(marker) as tmp:
         tmp.write_text(json.dumps(key))
@@ -112,7 +119,7 @@ def bench(
             else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dva-bench-")))
         )
         t0 = time.perf_counter()
-        sim, store = dataset(folder, particles, box, chunk_size)
+        sim, store = dataset(folder, particles, box, chunk_size, say)
         prepare_s = time.perf_counter() - t0
         say(f"dataset of {particles:,} particles, box {box}: ready in {prepare_s:.1f} s")
         pixel = float(read_star(sim / "particles.star")["pixel_size_A"][0])
