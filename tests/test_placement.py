@@ -13,6 +13,7 @@ from dva.engine.cluster import connect
 from dva.engine.loop import RunParams, run_3dva
 from dva.engine.placement import MIN_TASK, deal_tasks
 from dva.engine.tasks import READ_AHEAD, mean_partial
+from dva.errors import DvaInputError
 from dva.io.star import read_star
 from dva.io.store import import_particles
 from dva.sim.simulate import simulate_dataset
@@ -204,6 +205,26 @@ def test_subsets_are_reconstructed_in_as_many_passes_as_memory_needs(store, clus
     monkeypatch.setattr(reconstruct, "subsets_per_pass", lambda spare, box, rows: 2)
     split = reconstruct.reconstruct_subsets(store[0], weights, 32, "input", 1.0, cluster)
     np.testing.assert_allclose(split, whole, rtol=0, atol=1e-6 * np.abs(whole).max())  # float32 volumes
+
+
+def test_a_worker_short_of_memory_for_a_pass_s_sums_is_named(store, cluster, gpu_cluster):
+    """Before any chunk is read: one line naming the worker, what it has left (under its memory
+    limit, or free on its GPU), and what to change."""
+    from dva.engine.placement import place_chunks
+
+    on_gpu, _ = gpu_cluster
+    sums = (10**15, "the test's sums", "a smaller sum")
+    for c, said in (
+        (cluster, r"left under its memory limit: give each worker more memory .* or use a smaller sum$"),
+        (on_gpu, r"free on its GPU: use a smaller sum \(or GPUs with more memory\)$"),
+    ):
+        with pytest.raises(
+            DvaInputError,
+            match=r"a pass at box 32 needs 1000000\.0 GB per worker for the test's sums, "
+            r"and worker \S+ has [0-9.]+ GB " + said,
+        ):
+            place_chunks(c.client, str(store[0]), 600, 100, 32, c.backend, sums=sums)
+        assert sum(c.client.run(_chunks_held).values()) == 0
 
 
 def test_cpu_workers_keep_no_chunks_in_a_host_tier(store, cluster):

@@ -21,8 +21,8 @@ def solve_components(stats: dict, box: int, modes: int, lam: float, xp: ModuleTy
 
     `s` is the mean of tr(G)/K over the voxel's shell, so λ is relative to the data's weight there.
     Only the voxels inside the band are copied out of the sums, channel-major, and solved in place:
-    at box 256, K=10 this took 5.5 GB besides the 5 GB of sums (2.6 GB of systems and right-hand
-    sides, 2.7 GB of components in float64 and their stack).
+    at box 256, K=10 this took 5.5 GB besides the sums (2.6 GB at the band's rows): 2.6 GB of
+    systems and right-hand sides, 2.7 GB of components in float64 and their stack.
     """
     k = modes
     diagonal = [c for c, (a, b) in enumerate(pair_index(k)) if a == b]

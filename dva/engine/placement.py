@@ -301,9 +301,8 @@ def place_chunks(
     `store.task_limits`). `resident_bytes` caps the prepared chunks kept per worker where its tasks
     run, `host_bytes` those a GPU worker keeps in its host memory besides (default: from each
     worker's memory, less the `sums` a pass needs: bytes per worker, what they are, and the options
-    that make them smaller). First
-    checks that every worker can open the store and has the memory for those sums, and names one
-    that cannot or has not."""
+    that make them smaller). First checks that every worker can open the store and has the memory
+    for those sums, and names one that cannot or has not."""
     client.wait_for_workers(1)
     failures = {w: e for w, e in client.run(store_error, store).items() if e is not None}
     if failures:
@@ -319,11 +318,14 @@ def place_chunks(
     short = sorted((left, w) for w, (_, _, left) in measured.items() if left is not None and left < reserve)
     if short:
         left, worker = short[0]
-        where = "free on its GPU" if backend == "cupy" else "left under its memory limit"
+        if backend == "cupy":
+            where, fix = "free on its GPU", f"use {smaller} (or GPUs with more memory)"
+        else:
+            where = "left under its memory limit"
+            fix = f"give each worker more memory (fewer --workers, a larger --memory-limit), or use {smaller}"
         raise DvaInputError(
             f"a pass at box {box} needs {reserve / 1e9:.1f} GB per worker for {what}, and worker {worker} has "
-            f"{left / 1e9:.1f} GB {where}: give each worker more memory (fewer --workers, a larger "
-            f"--memory-limit), or use {smaller}"
+            f"{left / 1e9:.1f} GB {where}: {fix}"
         )
     budgets = {}  # per worker: bytes to keep where its tasks run, and in host memory besides
     for w in addresses:
