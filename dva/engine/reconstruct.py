@@ -19,9 +19,8 @@ from dva.io.store import open_store, store_location, task_limits
 from dva.ops.slice import sums_bytes
 
 MAX_GROUPS = 32  # subsets per pass at most (each task holds 3·G volumes of float64)
-SUMS_SHARE = (
-    0.75  # of the memory a worker has to spare, what its subsets' sums may take (the rest: its task's own arrays)
-)
+# Of the memory a worker has to spare, what its subsets' sums may take (the rest: its tasks' own arrays).
+SUMS_SHARE = 0.75
 
 
 def subsets_per_pass(spare: int | None, box: int, rows: int) -> int:
