@@ -7,8 +7,8 @@ import logging
 import signal
 import sys
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
@@ -268,20 +268,23 @@ def run(
         out.mkdir(parents=True, exist_ok=True)
         checkpoint = out / "checkpoint"
         try:
-            with _store_for(input, out, datadir, passthrough, max_particles, quiet) as store:
+            # The cluster first: a worker without the memory for the passes is named before an import.
+            cluster = _connect(scheduler, workers, gpus, memory_limit, tls_ca_file, tls_cert, tls_key)
+            with (
+                closing(cluster),
+                _store_for(
+                    input,
+                    out,
+                    datadir,
+                    passthrough,
+                    max_particles,
+                    quiet,
+                    lambda full: _check_memory(cluster, full, params),
+                ) as store,
+            ):
                 done = resume_point(checkpoint, store, params).iteration if resume else 0
                 result, table, backend = _run_job(
-                    input,
-                    store,
-                    mask,
-                    params,
-                    out,
-                    checkpoint,
-                    resume,
-                    done,
-                    quiet,
-                    performance_report,
-                    _connect(scheduler, workers, gpus, memory_limit, tls_ca_file, tls_cert, tls_key),
+                    input, store, mask, params, out, checkpoint, resume, done, quiet, performance_report, cluster
                 )
                 if result.data_sign < 0:
                     print(
@@ -384,22 +387,44 @@ def open_store_table(store: Path, n: int | None):
     return images, table.isel(particle=slice(0, n)), attrs
 
 
+def _check_memory(cluster, full: int, params) -> None:
+    """Before an import of images of box `full`: every worker has the memory for the passes of a
+    run of `params` (`dva.engine.placement.measure_memory`); a `--box` the run will refuse is left
+    to it."""
+    from dva.em.chunk import band_rows
+    from dva.engine.loop import pass_sums
+    from dva.engine.placement import measure_memory
+
+    box = params.box or full
+    if box <= full and box % 2 == 0 and box >= 16:
+        measure_memory(cluster.client, cluster.backend, box, pass_sums(box, len(band_rows(box)), params.modes))
+
+
 @contextmanager
 def _store_for(
-    input: str | Path, out: Path, datadir: Path | None, passthrough: Path | None, max_particles: int | None, quiet: bool
+    input: str | Path,
+    out: Path,
+    datadir: Path | None,
+    passthrough: Path | None,
+    max_particles: int | None,
+    quiet: bool,
+    before_import: Callable[[int], None] | None = None,
 ) -> Iterator[str | Path]:
     """`input` itself when it is a store (a folder or an fsspec URL); else a temporary store imported
-    into `out` and removed after."""
+    into `out` and removed after, `before_import(box)` (when given) called first with the images'
+    box."""
     import shutil
     import tempfile
 
     from dva.io.particles import read_particles
-    from dva.io.store import import_particles
+    from dva.io.store import import_particles, open_stacks
 
     if "://" in str(input) or Path(input).is_dir():
         yield input
         return
     table = read_particles(Path(input), datadir=datadir, passthrough=passthrough)
+    if before_import is not None:
+        before_import(open_stacks(table)[0].box)
     tmp = Path(tempfile.mkdtemp(prefix=".dva-import-", dir=out))
     try:
         n = min(table.sizes["particle"], max_particles or table.sizes["particle"])

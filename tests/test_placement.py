@@ -490,7 +490,9 @@ def test_a_read_ahead_that_no_task_takes_gives_its_buffer_back(store, monkeypatc
         )
         tasks._BUFFERS.give(read.buffer, False)
         next(iter(tasks._AHEAD.values())).result()
-    assert len(made) == 4 and len(set(made)) == 2  # 4 reads into the same 2 buffers
+    # 4 reads into at most 2 buffers (1 when each read ahead started after the read beside it had
+    # given its buffer back); a dropped read's buffer kept from the pool makes a third
+    assert len(made) == 4 and len(set(made)) <= 2
     tasks.drop_read_ahead()
 
 

@@ -134,16 +134,19 @@ def test_progress_is_plain_lines_off_a_terminal(tmp_path):
     assert "importing: 200/200" in lines and "━" not in r.output
 
 
-def test_workers_short_of_memory_for_the_sums_are_told_before_any_pass(tmp_path):
+def test_workers_short_of_memory_for_the_sums_are_told_before_any_pass(tmp_path, monkeypatch):
     """Box 256 with 10 modes: a task's M-step sums over the half spectrum (75 float64 channels of
     256²·128 voxels, 5.0 GB) beside the worker's held ones (2.6 GB) do not fit under a 4 GB memory
     limit. The run stops at once with one line (the worker was restarted 5 times, then the run
-    failed, advising --resume)."""
+    failed, advising --resume), before it imports the particles it was given as a .star."""
     import re
+
+    from dva.io import store
 
     sim = simulate_dataset(tmp_path / "sim", "tiny", particles=40, box=256, seed=1, truth=False)
     args = ["run", str(sim / "particles.star"), "--mask", str(sim / "mask.mrc"), "--filter-res", "12"]
     args += ["--modes", "10", "--memory-limit", "4GB", "--workers", "1", "--out", str(tmp_path / "o"), "--quiet"]
+    monkeypatch.setattr(store, "import_particles", lambda *a, **k: pytest.fail("imported before the check"))
     r = runner.invoke(app, args)
     lines = r.stderr.strip().splitlines()
     assert r.exit_code == 2 and len(lines) == 1, r.output

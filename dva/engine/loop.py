@@ -177,6 +177,14 @@ def update_components(
     return to_numpy(new), subspace_angle_deg(xp.asarray(old), new, xp)
 
 
+def pass_sums(box: int, rows: int, modes: int) -> tuple[int, str, str]:
+    """What a run's passes need per worker for their volume-sized sums at `box` (`rows`: the band's,
+    `Band.rows`), for `dva.engine.placement.measure_memory`: bytes (the iterations' M-step
+    channels; the mean's pass has 3, no more than K = 1's), what they are, and how to need less."""
+    need = sums_bytes(box, rows, mstep_channels(modes))
+    return need, f"the M-step's sums of {modes} modes", "a smaller --box or fewer --modes"
+
+
 def _check(params: RunParams, box_in: int, pixel_in: float) -> tuple[int, float]:
     box = params.box or box_in
     if params.box is None and box_in % 2:
@@ -275,11 +283,7 @@ def run_3dva(
     driver = driver_module(cluster)
     mask_on_driver, filt_on_driver = driver.asarray(mask), driver.asarray(filt)
     chunk, aligned = task_limits(images, backend)
-    sums = (  # the mean's pass has 3 channels
-        sums_bytes(box, len(band.rows), max(3, mstep_channels(params.modes))),
-        f"the M-step's sums of {params.modes} modes",
-        "a smaller --box or fewer --modes",
-    )
+    sums = pass_sums(box, len(band.rows), params.modes)
     placement = place_chunks(client, store, n, chunk, box, backend, resident_bytes, aligned, host_bytes, sums)
     try:
         metrics: list[dict] = []

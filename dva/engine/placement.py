@@ -283,6 +283,28 @@ def _memory_budget(backend: str, reserve: int = 0, dask_worker=None) -> tuple[in
     return (None if left is None else int(RESIDENT_FRACTION * max(0, left - reserve))), 0, left
 
 
+def measure_memory(client: Client, backend: str, box: int, sums: tuple[int, str, str]) -> dict[str, tuple]:
+    """Each worker's `_memory_budget` (and each forgets what an earlier run left), once every
+    worker has been checked to have the memory for `sums`: the bytes a pass at `box` needs per
+    worker, what they are, and the options that make them smaller. One that has not is named in
+    the `DvaInputError`, with what to change."""
+    reserve, what, smaller = sums
+    measured = client.run(_memory_budget, backend, reserve)
+    short = sorted((left, w) for w, (_, _, left) in measured.items() if left is not None and left < reserve)
+    if short:
+        left, worker = short[0]
+        if backend == "cupy":
+            where, fix = "free on its GPU", f"use {smaller} (or GPUs with more memory)"
+        else:
+            where = "left under its memory limit"
+            fix = f"give each worker more memory (fewer --workers, a larger --memory-limit), or use {smaller}"
+        raise DvaInputError(
+            f"a pass at box {box} needs {reserve / 1e9:.1f} GB per worker for {what}, and worker {worker} has "
+            f"{left / 1e9:.1f} GB {where}: {fix}"
+        )
+    return measured
+
+
 def place_chunks(
     client: Client,
     store: str,
@@ -313,20 +335,7 @@ def place_chunks(
         )
     addresses = sorted(client.ncores())  # asks the scheduler now (scheduler_info() may be stale)
     # Also when both budgets are given: each worker forgets what an earlier run left (`forget_run`).
-    reserve, what, smaller = sums
-    measured = client.run(_memory_budget, backend, reserve)
-    short = sorted((left, w) for w, (_, _, left) in measured.items() if left is not None and left < reserve)
-    if short:
-        left, worker = short[0]
-        if backend == "cupy":
-            where, fix = "free on its GPU", f"use {smaller} (or GPUs with more memory)"
-        else:
-            where = "left under its memory limit"
-            fix = f"give each worker more memory (fewer --workers, a larger --memory-limit), or use {smaller}"
-        raise DvaInputError(
-            f"a pass at box {box} needs {reserve / 1e9:.1f} GB per worker for {what}, and worker {worker} has "
-            f"{left / 1e9:.1f} GB {where}: {fix}"
-        )
+    measured = measure_memory(client, backend, box, sums)
     budgets = {}  # per worker: bytes to keep where its tasks run, and in host memory besides
     for w in addresses:
         device, host, _ = measured.get(w, (None, 0, None))
