@@ -389,15 +389,13 @@ def open_store_table(store: Path, n: int | None):
 
 def _check_memory(cluster, full: int, params) -> None:
     """Before an import of images of box `full`: every worker has the memory for the passes of a
-    run of `params` (`dva.engine.placement.measure_memory`); a `--box` the run will refuse is left
-    to it."""
-    from dva.em.chunk import band_rows
+    run of `params` at its `--box` (at most `full`: a larger one the run refuses, after the import)
+    (`dva.engine.placement.measure_memory`)."""
     from dva.engine.loop import pass_sums
     from dva.engine.placement import measure_memory
 
-    box = params.box or full
-    if box <= full and box % 2 == 0 and box >= 16:
-        measure_memory(cluster.client, cluster.backend, box, pass_sums(box, len(band_rows(box)), params.modes))
+    box = min(params.box or full, full)
+    measure_memory(cluster.client, cluster.backend, box, pass_sums(box, params.modes))
 
 
 @contextmanager

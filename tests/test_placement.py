@@ -194,15 +194,15 @@ def test_subset_reconstructions_on_the_gpu_backend_equal_numpys(store, cluster, 
 def test_subsets_are_reconstructed_in_as_many_passes_as_memory_needs(store, cluster, monkeypatch):
     """Subsets per pass: `MAX_GROUPS` with memory to spare or none known, as many as 3/4 of the
     spare memory holds the sums of, at least one; split over passes, the same volumes."""
-    from dva.em.chunk import band_rows
+    from dva.em.chunk import band_rows, sums_bytes
     from dva.engine import reconstruct
 
-    rows = len(band_rows(256))
-    one = 8 * 3 * (256 * 256 * 128 + rows)  # float64 (re, im, den): the accumulator and the held rows
-    assert [reconstruct.subsets_per_pass(s, 256, rows) for s in (None, 10**13, 0, one, 4 * one)] == [32, 32, 1, 1, 3]
+    one = 8 * 3 * (256 * 256 * 128 + len(band_rows(256)))  # float64 (re, im, den): the accumulator and held rows
+    assert sums_bytes(256, 3) == one
+    assert [reconstruct.subsets_per_pass(s, one) for s in (None, 10**13, 0, one, 4 * one)] == [32, 32, 1, 1, 3]
     weights = np.random.default_rng(5).random((600, 5))
     whole = reconstruct.reconstruct_subsets(store[0], weights, 32, "input", 1.0, cluster)
-    monkeypatch.setattr(reconstruct, "subsets_per_pass", lambda spare, box, rows: 2)
+    monkeypatch.setattr(reconstruct, "subsets_per_pass", lambda spare, subset_bytes: 2)
     split = reconstruct.reconstruct_subsets(store[0], weights, 32, "input", 1.0, cluster)
     np.testing.assert_allclose(split, whole, rtol=0, atol=1e-6 * np.abs(whole).max())  # float32 volumes
 

@@ -21,6 +21,7 @@ from dva.io.table import CTF_FIELDS
 from dva.ops.ctf import ctf_2d
 from dva.ops.filters import radius_3d
 from dva.ops.fourier import fft, fourier_crop
+from dva.ops.slice import half_rows
 
 # Filter weight below which the components count as zero (`filter_pixels`): their slices and the
 # M-step statistics skip those Fourier pixels. 0 (every pixel) by default: the order-1.5 low-pass
@@ -83,6 +84,14 @@ def band_rows(box: int, xp: ModuleType = np):
     so: 52% of the rows at box 128 (52 instead of 100 MB of M-step sums per worker and pass at K = 3),
     2.6 instead of 5.0 GB at box 256, K = 10. Each row's mirror (`completed_rows`) is among them."""
     return xp.flatnonzero(xp.rint(half_radius(box, xp)) <= box // 2 - 1)
+
+
+def sums_bytes(box: int, channels: int) -> int:
+    """Bytes a worker holds at once for a pass's volume-sized float64 sums of `channels` channels at
+    `box`: a task's accumulator over the half spectrum beside the worker's sums held at the band's
+    rows (`band_rows`; more than the two sets of held sums that meet where the workers' are added
+    up). Box 256 with the M-step's 75 channels of K = 10: 7.7 GB (a CPU worker peaked at 8.3 GB)."""
+    return 8 * channels * (half_rows(box) + len(band_rows(box)))
 
 
 def make_band(box: int, xp: ModuleType = np) -> Band:

@@ -17,7 +17,7 @@ from types import ModuleType
 
 import numpy as np
 
-from dva.em.chunk import BAND_TOLERANCE, filter_pixels, make_band
+from dva.em.chunk import BAND_TOLERANCE, filter_pixels, make_band, sums_bytes
 from dva.em.estep import mstep_channels
 from dva.em.finish import principal_axes, subspace_angle_deg
 from dva.em.mean import noise_from_power, solve_mean
@@ -32,7 +32,6 @@ from dva.io.mask import load_mask
 from dva.io.store import open_store, store_location, task_limits
 from dva.ops.filters import filter_real
 from dva.ops.fsc import fsc, resolution_A
-from dva.ops.slice import sums_bytes
 
 EPS = 0.01  # E-step ridge, relative to tr(G_i)/K
 
@@ -177,11 +176,11 @@ def update_components(
     return to_numpy(new), subspace_angle_deg(xp.asarray(old), new, xp)
 
 
-def pass_sums(box: int, rows: int, modes: int) -> tuple[int, str, str]:
-    """What a run's passes need per worker for their volume-sized sums at `box` (`rows`: the band's,
-    `Band.rows`), for `dva.engine.placement.measure_memory`: bytes (the iterations' M-step
-    channels; the mean's pass has 3, no more than K = 1's), what they are, and how to need less."""
-    need = sums_bytes(box, rows, mstep_channels(modes))
+def pass_sums(box: int, modes: int) -> tuple[int, str, str]:
+    """What a run's passes need per worker for their volume-sized sums at `box`, for
+    `dva.engine.placement.measure_memory`: bytes (the iterations' M-step channels; the mean's pass
+    has 3, no more than K = 1's), what they are, and how to need less."""
+    need = sums_bytes(box, mstep_channels(modes))
     return need, f"the M-step's sums of {modes} modes", "a smaller --box or fewer --modes"
 
 
@@ -275,15 +274,14 @@ def run_3dva(
     filt = band_filter(
         box, pixel, params.filter_res_A, params.filter_order, params.highpass_res_A, params.highpass_order
     )
-    band = make_band(box)
-    pixels = filter_pixels(band, filt, params.band_tolerance)
+    pixels = filter_pixels(make_band(box), filt, params.band_tolerance)
     identity = _identity(store, n, params)
     saved = resume_point(checkpoint, store, params) if resume else None
     client, backend = cluster.client, cluster.backend
     driver = driver_module(cluster)
     mask_on_driver, filt_on_driver = driver.asarray(mask), driver.asarray(filt)
     chunk, aligned = task_limits(images, backend)
-    sums = pass_sums(box, len(band.rows), params.modes)
+    sums = pass_sums(box, params.modes)
     placement = place_chunks(client, store, n, chunk, box, backend, resident_bytes, aligned, host_bytes, sums)
     try:
         metrics: list[dict] = []

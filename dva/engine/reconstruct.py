@@ -10,26 +10,25 @@ from pathlib import Path
 
 import numpy as np
 
-from dva.em.chunk import band_rows
+from dva.em.chunk import sums_bytes
 from dva.engine.cluster import Cluster
 from dva.engine.loop import driver_module, mean_volume, release_driver
 from dva.engine.placement import place_chunks
 from dva.engine.tasks import mean_partial
 from dva.io.store import open_store, store_location, task_limits
-from dva.ops.slice import sums_bytes
 
 MAX_GROUPS = 32  # subsets per pass at most (each task holds 3·G volumes of float64)
 # Of the memory a worker has to spare, what its subsets' sums may take (the rest: its tasks' own arrays).
 SUMS_SHARE = 0.75
 
 
-def subsets_per_pass(spare: int | None, box: int, rows: int) -> int:
+def subsets_per_pass(spare: int | None, subset_bytes: int) -> int:
     """Subsets reconstructed in one pass: as many, up to `MAX_GROUPS`, as `SUMS_SHARE` of the
-    workers' `spare` memory (bytes; None: unknown) holds the sums of (`sums_bytes`, 3 channels
-    each, at `rows` rows of the half spectra), and at least one. Box 256: 0.31 GB a subset."""
+    workers' `spare` memory (bytes; None: unknown) holds the sums of (`subset_bytes` each:
+    `sums_bytes` of 3 channels, 0.31 GB at box 256), and at least one."""
     if spare is None:
         return MAX_GROUPS
-    return max(1, min(MAX_GROUPS, int(SUMS_SHARE * spare) // sums_bytes(box, rows, 3)))
+    return max(1, min(MAX_GROUPS, int(SUMS_SHARE * spare) // subset_bytes))
 
 
 def reconstruct_subsets(
@@ -42,10 +41,9 @@ def reconstruct_subsets(
     client, backend = cluster.client, cluster.backend
     driver = driver_module(cluster)  # its GPU solves the volumes where it has one
     chunk, aligned = task_limits(images, backend)
-    rows = len(band_rows(box))
-    one = (sums_bytes(box, rows, 3), "the sums of a particle subset", "a run at a smaller --box")
+    one = (sums_bytes(box, 3), "the sums of a particle subset", "a run at a smaller --box")
     placement = place_chunks(client, store, len(weights), chunk, box, backend, aligned=aligned, sums=one)
-    per_pass = subsets_per_pass(placement.spare, box, rows)
+    per_pass = subsets_per_pass(placement.spare, one[0])
     volumes = []
     try:
         for lo in range(0, weights.shape[1], per_pass):

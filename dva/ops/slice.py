@@ -38,14 +38,6 @@ def half_rows(box: int) -> int:
     return box * box * (box // 2)
 
 
-def sums_bytes(box: int, rows: int, channels: int) -> int:
-    """Bytes a worker holds at once for a pass's volume-sized float64 sums of `channels` channels:
-    a task's accumulator over the half spectrum beside the worker's sums held at `rows` rows
-    (`compact_rows`; more than the two sets of held sums that meet where the workers' are added
-    up). Box 256 with the M-step's 75 channels of K = 10: 7.7 GB (a CPU worker peaked at 8.3 GB)."""
-    return 8 * channels * (half_rows(box) + rows)
-
-
 def neighbour_offsets(box: int, xp: ModuleType = np, width: int | None = None):
     """Flat-index offsets `(8,)` (int32) of a voxel's trilinear neighbours, j = 4·dz + 2·dy + dx, in
     a `(D, D, width)` grid (`width` D by default; D//2 for the half spectra)."""
