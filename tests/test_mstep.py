@@ -153,9 +153,8 @@ def test_solve_components_equals_a_per_voxel_solve():
     spectrum[:, inside] = solved[inside].T
     expected = np.stack([_full_inverse(s.reshape((box,) * 3)) for s in spectrum]) / gridding_correction(box)
     np.testing.assert_allclose(got, expected, atol=1e-10 * np.abs(expected).max())
-    with pytest.raises(
-        ValueError, match="rows, not the .* stored"
-    ):  # sums of the whole half spectra: refused, not misread
+    # sums of the whole half spectra: refused, not misread
+    with pytest.raises(ValueError, match="rows, not the .* stored"):
         solve_components(stats, box, k, lam)
 
 
